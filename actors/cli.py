@@ -1,0 +1,102 @@
+"""The ``reckon`` command line."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from actors.config import ConfigError, load_config
+
+app = typer.Typer(
+    help="reckon: agentic RL (rStar2-Agent, GRPO-RoC) as an event-sourced actor system.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="TOML config, e.g. configs/demo.toml"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override: section.field=value (TOML value)"),
+    run_dir: Optional[str] = typer.Option(None, help="run directory (default: runs/NAME-TIMESTAMP)"),
+) -> None:
+    """Run a whole training run: every actor as its own process, until the recipe ends."""
+    from actors.launcher import launch
+
+    overrides = list(set_ or [])
+    if run_dir:
+        overrides.append(f'run.run_dir="{run_dir}"')
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    code, _ = launch(cfg)
+    raise typer.Exit(code)
+
+
+@app.command()
+def actor(
+    name: str = typer.Argument(..., help="actor instance: recorder, scheduler, learner, generator-0, tool-0, verifier-0"),
+    config: str = typer.Option(..., "--config", help="the run's config.json (or a TOML with run.run_id set)"),
+) -> None:
+    """Start one actor alone (e.g. on another host)."""
+    from actors.main import run_actor
+
+    try:
+        code = run_actor(name, load_config(config))
+    except ConfigError as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: str = typer.Argument(..., help="directory to write the model and tokenizer to"),
+    seed: int = typer.Option(0, help="initialization and tokenizer-corpus seed"),
+) -> None:
+    """Build the tiny Qwen2-architecture demo model and its byte-level BPE tokenizer."""
+    from training.demo_tasks import demo_corpus
+    from training.tiny import build_tiny_model
+
+    path = build_tiny_model(out_dir, corpus=demo_corpus(seed=seed), seed=seed)
+    typer.echo(path)
+
+
+def _mount() -> None:
+    from store.cli import app as sql_app, replay_app
+    from tools_sandbox.cli import app as sandbox_app
+    from training.rewards import verify_command
+    from actors.simulator import simulate_app
+
+    app.add_typer(replay_app, name="replay", help="Rebuild, re-score, re-execute or re-train from a run's log.")
+    app.add_typer(sandbox_app, name="sandbox", help="The isolated Python sandbox: exec, serve, bench.")
+    app.command("verify")(verify_command)
+    if isinstance(sql_app, typer.Typer):
+        app.add_typer(sql_app, name="sql")
+    else:
+        app.command("sql")(sql_app)
+    if isinstance(simulate_app, typer.Typer):
+        app.add_typer(simulate_app, name="simulate")
+    else:
+        app.command("simulate")(simulate_app)
+
+
+def main() -> None:
+    _mount()
+    try:
+        app()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

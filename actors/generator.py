@@ -1,0 +1,204 @@
+"""Generator: runs multi-turn tool rollouts on an inference engine.
+
+For each RolloutRequested it renders the prompt, then loops (actors/rollout.py): the
+engine generates until ``</tool_call>``; the call goes out at once as ToolCallRequested
+to the tool executor with free slots (credit-based: an executor never gets more calls
+than it reported free slots); the sequence waits for ToolCallCompleted while every other
+sequence on the engine keeps decoding; the tool output is appended as token ids and
+generation continues. The finished trajectory (TrajectoryCompleted) goes to a verifier
+and to the scheduler. Free KV capacity is reported to the scheduler at a steady cadence
+(CapacityReported), and WeightsPublished reloads the engine in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import trio
+from transformers import AutoTokenizer
+
+from actors.engines import create_engine
+from actors.rollout import RolloutSpec, run_trajectory
+from actors.runtime import Context
+from protocol.events import (
+    CapacityReported,
+    Envelope,
+    RolloutRequested,
+    ToolCallCompleted,
+    ToolCallRequested,
+    TrajectoryCompleted,
+    WeightsPublished,
+)
+from training.chat import encode_messages, prompt_messages
+
+
+class ToolDispatcher:
+    """Credit-based dispatch of tool calls to executors, and the wait for their results."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.credits: dict[str, int] = {}  # executor -> free slots it last reported, minus ours since
+        self.waiting: dict[str, trio.MemorySendChannel] = {}
+        self.sent_to: dict[str, str] = {}
+        self.credit_free = trio.Event()
+        self._ids = itertools.count()
+
+    def on_capacity(self, executor: str, free_slots: int) -> None:
+        # The report is the executor's own count of free slots; calls in flight on the wire
+        # that it has not yet counted may briefly overbook it, and its pool queues those.
+        self.credits[executor] = free_slots
+        if free_slots > 0:
+            self.credit_free.set()
+
+    def on_completed(self, ev: ToolCallCompleted) -> None:
+        send = self.waiting.pop(ev.call_id, None)
+        executor = self.sent_to.pop(ev.call_id, None)
+        if executor is not None:
+            self.credits[executor] = self.credits.get(executor, 0) + 1
+            self.credit_free.set()
+        if send is not None:
+            send.send_nowait(ev)
+
+    async def _acquire(self) -> str:
+        while True:
+            best = max(self.credits.items(), key=lambda kv: kv[1], default=(None, 0))
+            if best[0] is not None and best[1] > 0:
+                self.credits[best[0]] -= 1
+                return best[0]
+            self.credit_free = trio.Event()
+            with trio.move_on_after(1.0):
+                await self.credit_free.wait()
+            if not self.credits:  # no executor has reported yet: assume one slot each
+                for name in self.ctx.config.tool_executors():
+                    self.credits.setdefault(name, 1)
+
+    async def call(self, rollout_id: str, turn: int, code: str) -> tuple[str, str]:
+        cfg = self.ctx.config.tools
+        timeout = cfg.sandbox.timeout_s
+        call_id = f"{rollout_id}-t{turn}-{next(self._ids)}"
+        for attempt in range(3):
+            executor = await self._acquire()
+            send, recv = trio.open_memory_channel(1)
+            self.waiting[call_id] = send
+            self.sent_to[call_id] = executor
+            self.ctx.emit(
+                ToolCallRequested(
+                    call_id=call_id, rollout_id=rollout_id, turn=turn, code=code, executor=executor,
+                    reply_to=self.ctx.name, timeout_s=timeout,
+                ),
+                to=[executor],
+            )
+            # An executor that died with the call is retried elsewhere after a generous deadline.
+            with trio.move_on_after(4 * timeout + 30):
+                result: ToolCallCompleted = await recv.receive()
+                return result.status, result.text
+            self.waiting.pop(call_id, None)
+            self.sent_to.pop(call_id, None)
+            self.ctx.log.warning("tool call timed out at the executor; retrying", call_id=call_id, executor=executor)
+        return "killed", "Tool call failed: no executor answered."
+
+
+async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    cfg = ctx.config
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tools = ToolDispatcher(ctx)
+    busy_s = 0.0
+    async with create_engine(cfg.generator.engine, cfg.model.path) as engine:
+
+        def report() -> None:
+            cap = engine.capacity()
+            ctx.emit(
+                CapacityReported(
+                    kind="generator",
+                    free_tokens=int(cap["free_tokens"]),
+                    total_tokens=int(cap["total_tokens"]),
+                    free_slots=int(cap["free_slots"]),
+                    total_slots=int(cap["total_slots"]),
+                    running=int(cap["running"]),
+                    queued=int(cap["waiting"]),
+                    busy_s=busy_s,
+                ),
+                to=["scheduler"],
+            )
+
+        async def capacity_loop() -> None:
+            nonlocal busy_s
+            last = time.monotonic()
+            while True:
+                await trio.sleep(cfg.generator.capacity_interval_s)
+                now = time.monotonic()
+                if engine.capacity()["running"] > 0 or active:
+                    busy_s += now - last
+                last = now
+                report()
+
+        active: set[str] = set()
+
+        async def rollout(env: Envelope) -> None:
+            req: RolloutRequested = env.payload
+            active.add(req.rollout_id)
+            t0 = time.monotonic()
+            try:
+                prompt_ids, _ = encode_messages(tokenizer, prompt_messages(req.problem))
+                prompt_ids += tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+                spec = RolloutSpec(
+                    request_id=req.rollout_id,
+                    prompt_ids=prompt_ids,
+                    max_tokens=req.max_tokens,
+                    max_turns=req.max_turns,
+                    temperature=req.temperature,
+                )
+
+                async def call_tool(code: str, turn: int) -> tuple[str, str]:
+                    return await tools.call(req.rollout_id, turn, code)
+
+                traj = await run_trajectory(engine, tokenizer, spec, call_tool)
+            finally:
+                active.discard(req.rollout_id)
+            done = TrajectoryCompleted(
+                rollout_id=req.rollout_id,
+                group_id=req.group_id,
+                step=req.step,
+                stage=req.stage,
+                problem_id=req.problem_id,
+                answer=req.answer,
+                generator=ctx.name,
+                prompt_ids=np.asarray(prompt_ids, np.int32),
+                response_ids=np.asarray(traj.response_ids, np.int32),
+                logprobs=np.asarray(traj.logprobs, np.float32),
+                loss_mask=np.asarray(traj.loss_mask, np.int32),
+                versions=np.asarray(traj.versions, np.int32),
+                response_text=traj.response_text,
+                turns=traj.turns,
+                tool_calls=list(traj.tool_calls),
+                finish_reason=traj.finish_reason,
+                seconds=time.monotonic() - t0,
+            )
+            verifiers = cfg.verifiers()
+            to = ["scheduler"]
+            if traj.finish_reason != "aborted":
+                to.append(verifiers[hash(req.rollout_id) % len(verifiers)])
+            ctx.emit(done, to=to, cause=env)
+            report()
+
+        async with trio.open_nursery() as nursery:
+            report()
+            nursery.start_soon(capacity_loop)
+            task_status.started()
+            while True:
+                env = await ctx.receive()
+                ev = env.payload
+                if isinstance(ev, RolloutRequested):
+                    nursery.start_soon(rollout, env)
+                elif isinstance(ev, ToolCallCompleted):
+                    tools.on_completed(ev)
+                elif isinstance(ev, WeightsPublished):
+                    if ev.version > engine.version:
+                        t = time.monotonic()
+                        await engine.reload_weights(ev.path, ev.version)
+                        ctx.log.info("weights reloaded", version=ev.version, seconds=round(time.monotonic() - t, 3))
+                        report()
+                elif env.type == "CapacityReported" and ev.kind == "tool_executor":
+                    tools.on_capacity(env.source, ev.free_slots)

@@ -1,0 +1,447 @@
+"""Scheduler: drives the recipe, dispatches rollouts, forms GRPO-RoC batches.
+
+One per run. It walks the recipe stage by stage (SFT, then RL stages, each evaluated at
+its end), and for every RL step:
+
+1. picks ``prompts_per_step`` problems and creates 2G rollouts for each (a group);
+2. places rollouts on generators with the dispatch policy (actors/dispatch.py), as the
+   generators' reported KV capacity allows, and re-places any that come back aborted;
+3. collects each trajectory (TrajectoryCompleted) and its reward (RewardAssigned);
+4. when a group is complete, down-samples it to G with RoC (training/roc.py), computes
+   advantages over the kept group, and records the decision (GroupResampled);
+5. packs the kept trajectories into one BatchFormed for the learner, and waits for the
+   step's TrainStepCompleted and the new weights (WeightsPublished) before the next step
+   (staleness 0: on-policy, as the paper).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+from transformers import AutoTokenizer
+
+from actors.dispatch import EngineState, PendingRollout, make_policy
+from actors.runtime import Context
+from actors.config import StageSection
+from protocol.events import (
+    BatchFormed,
+    CapacityReported,
+    Envelope,
+    EvalCompleted,
+    GroupResampled,
+    RewardAssigned,
+    RolloutRequested,
+    RunCompleted,
+    RunStarted,
+    StageStarted,
+    TrainStepCompleted,
+    TrajectoryCompleted,
+    WeightsPublished,
+)
+from training.algos import group_advantages
+from training.chat import encode_messages, prompt_messages
+from training.data import Problem, load_problems
+from training.demo_tasks import load_sft_demonstrations
+from training.roc import RolloutStats, roc_downsample
+
+
+
+@dataclass
+class Rollout:
+    request: RolloutRequested
+    prompt_tokens: int
+    trajectory: TrajectoryCompleted | None = None
+    reward: RewardAssigned | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Step:
+    """The rollouts of one RL step (or one evaluation probe) and their outcomes."""
+
+    rollouts: dict[str, Rollout] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def complete(self) -> bool:
+        return all(r.reward is not None and r.trajectory is not None for r in self.rollouts.values())
+
+
+class Scheduler:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.rng = random.Random(self.cfg.run.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        self.engines: dict[str, EngineState] = {}
+        self.tool_queue: dict[str, int] = {}
+        self.policy = make_policy(self.cfg.rollout.policy)
+        self.pending: list[Rollout] = []
+        self.in_flight: dict[str, Rollout] = {}
+        self.current: Step | None = None
+        self.step = 0  # global optimizer step (SFT and RL)
+        self.weights_version = 0
+        self.train_done: dict[int, TrainStepCompleted] = {}
+        self.changed = trio.Event()
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------ inbox
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_until(self, predicate) -> None:
+        while not predicate():
+            await self.changed.wait()
+
+    async def inbox_loop(self) -> None:
+        while True:
+            env = await self.ctx.receive()
+            self.handle(env)
+            self._notify()
+            self.dispatch()
+
+    def handle(self, env: Envelope) -> None:
+        ev = env.payload
+        if isinstance(ev, CapacityReported):
+            if ev.kind == "generator":
+                self.engines[env.source] = EngineState(
+                    name=env.source,
+                    total_tokens=ev.total_tokens,
+                    free_tokens=ev.free_tokens,
+                    total_slots=ev.total_slots,
+                    free_slots=ev.free_slots,
+                    running=ev.running,
+                )
+            else:
+                self.tool_queue[env.source] = ev.queued
+        elif isinstance(ev, TrajectoryCompleted):
+            r = self.in_flight.get(ev.rollout_id)
+            if r is None:
+                return  # a duplicate or a rollout of a finished step
+            self.policy.on_finished(ev.rollout_id)
+            if ev.finish_reason == "aborted":  # e.g. the generator was stopped: place it again
+                del self.in_flight[ev.rollout_id]
+                self.pending.append(r)
+                return
+            r.trajectory = ev
+            self._maybe_done(r)
+        elif isinstance(ev, RewardAssigned):
+            r = self.in_flight.get(ev.rollout_id)
+            if r is None or r.reward is not None:
+                return
+            r.reward = ev  # may arrive before the trajectory: they travel different paths
+            self._maybe_done(r)
+        elif isinstance(ev, TrainStepCompleted):
+            self.train_done[ev.step] = ev
+        elif isinstance(ev, WeightsPublished):
+            self.weights_version = max(self.weights_version, ev.version)
+
+    def _maybe_done(self, r: Rollout) -> None:
+        if r.trajectory is None or r.reward is None:
+            return
+        del self.in_flight[r.request.rollout_id]
+        if self.current is not None and self.current.complete():
+            self.current.done.set()
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self) -> None:
+        """Place pending rollouts on generators as the policy allows."""
+        if not self.pending or not self.engines:
+            return
+        by_id = {r.request.rollout_id: r for r in self.pending}
+        assigned = self.policy.assign(
+            [PendingRollout(rid, r.prompt_tokens, r.request.max_tokens) for rid, r in by_id.items()],
+            list(self.engines.values()),
+            tool_queue=sum(self.tool_queue.values()),
+        )
+        placed = set()
+        for rid, engine in assigned:
+            r = by_id[rid]
+            r.attempts += 1
+            req = r.request
+            r.request = RolloutRequested(**{**_fields(req), "generator": engine})
+            self.in_flight[rid] = r
+            placed.add(rid)
+            self.ctx.emit(r.request, to=[engine])
+        if placed:
+            self.pending = [r for r in self.pending if r.request.rollout_id not in placed]
+
+    def prompt_ids(self, problem: str) -> list[int]:
+        ids = self._prompt_cache.get(problem)
+        if ids is None:
+            ids, _ = encode_messages(self.tokenizer, prompt_messages(problem))
+            ids += self.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+            self._prompt_cache[problem] = ids
+        return ids
+
+    async def run_rollouts(self, requests: list[RolloutRequested]) -> Step:
+        """Dispatch ``requests`` and wait until every one has a trajectory and a reward."""
+        step = Step()
+        for req in requests:
+            r = Rollout(req, prompt_tokens=len(self.prompt_ids(req.problem)))
+            step.rollouts[req.rollout_id] = r
+            self.pending.append(r)
+        self.current = step
+        self.dispatch()
+        if step.complete():
+            step.done.set()
+        await step.done.wait()
+        self.current = None
+        return step
+
+    def requests_for(
+        self, problems: list[Problem], n: int, *, stage: str, max_tokens: int, max_turns: int, temperature: float
+    ) -> list[RolloutRequested]:
+        reqs = []
+        for p in problems:
+            gid = f"{stage}-s{self.step}-{p.id}-{self.rng.getrandbits(32):08x}"
+            for j in range(n):
+                reqs.append(
+                    RolloutRequested(
+                        rollout_id=f"{gid}-{j}",
+                        group_id=gid,
+                        step=self.step,
+                        stage=stage,
+                        problem_id=p.id,
+                        problem=p.problem,
+                        answer=p.answer,
+                        generator="",
+                        max_tokens=max_tokens,
+                        max_turns=max_turns,
+                        temperature=temperature,
+                        min_version=self.weights_version,
+                    )
+                )
+        return reqs
+
+    # ------------------------------------------------------------ training
+
+    async def train(self, batch: BatchFormed) -> TrainStepCompleted:
+        self.ctx.emit(batch, to=["learner"])
+        step = batch.step
+        await self.wait_until(lambda: step in self.train_done)
+        done = self.train_done[step]
+        # Staleness 0: the next step's rollouts start on the weights this step produced.
+        await self.wait_until(lambda: self.weights_version >= done.weights_version)
+        return done
+
+    def pack(self, seqs: list[tuple[str, list[int], list[int], list[int], list[float]]], advantages, **kw) -> BatchFormed:
+        """seqs: (rollout_id, prompt_ids, response_ids, response_mask, response_logprobs)."""
+        offsets, prompt_lens, ids, mask, lps = [0], [], [], [], []
+        for _, p, r, m, lp in seqs:
+            ids.extend(p)
+            ids.extend(r)
+            mask.extend([0] * len(p))
+            mask.extend(m)
+            lps.extend([0.0] * len(p))
+            lps.extend(lp)
+            prompt_lens.append(len(p))
+            offsets.append(len(ids))
+        return BatchFormed(
+            rollout_ids=[s[0] for s in seqs],
+            offsets=np.asarray(offsets, np.int32),
+            prompt_lens=np.asarray(prompt_lens, np.int32),
+            input_ids=np.asarray(ids, np.int32),
+            loss_mask=np.asarray(mask, np.int32),
+            old_logprobs=np.asarray(lps, np.float32),
+            advantages=np.asarray(advantages, np.float32),
+            **kw,
+        )
+
+    async def run_sft(self) -> None:
+        sft = self.cfg.sft
+        demos = load_sft_demonstrations(self.cfg.data.sft, seed=self.cfg.run.seed)
+        encoded = [encode_messages(self.tokenizer, d) for d in demos]
+        steps = max(1, int(round(sft.epochs * len(encoded) / sft.batch_size)))
+        self.ctx.emit(
+            StageStarted(
+                stage="sft", index=0, kind="sft", steps=steps, max_tokens=max(len(i) for i, _ in encoded),
+                max_turns=0, prompts_per_step=sft.batch_size, rollouts_per_prompt=1, group_size=1,
+                lr=sft.lr, optimizer_reset=False, n_problems=len(encoded),
+            ),
+            to=["learner"],
+        )
+        order: list[int] = []
+        warmup = max(1, int(round(sft.warmup_ratio * steps)))
+        for k in range(steps):
+            if len(order) < sft.batch_size:
+                more = list(range(len(encoded)))
+                self.rng.shuffle(more)
+                order += more
+            take, order = order[: sft.batch_size], order[sft.batch_size :]
+            self.step += 1
+            seqs = []
+            for i in take:
+                ids, m = encoded[i]
+                seqs.append((f"sft-{i}", [], ids, m, [0.0] * len(ids)))
+            lr = _schedule(sft.lr, k, steps, warmup, sft.schedule)
+            batch = self.pack(
+                seqs, [0.0] * len(seqs), step=self.step, stage="sft", kind="sft", lr=lr, optimizer_reset=False
+            )
+            await self.train(batch)
+
+    async def run_rl_stage(self, index: int, stage: StageSection, problems: list[Problem]) -> None:
+        if stage.hard_filter_k > 0:
+            problems = await self.hard_problems(problems, stage)
+        self.ctx.emit(
+            StageStarted(
+                stage=stage.name, index=index, kind="rl", steps=stage.steps, max_tokens=stage.max_tokens,
+                max_turns=stage.max_turns, prompts_per_step=stage.prompts_per_step,
+                rollouts_per_prompt=stage.rollouts_per_prompt, group_size=stage.group_size, lr=stage.lr,
+                optimizer_reset=stage.optimizer_reset, n_problems=len(problems),
+            ),
+            to=["learner"],
+        )
+        order: list[Problem] = []
+        for k in range(stage.steps):
+            if len(order) < stage.prompts_per_step:
+                more = problems[:]
+                self.rng.shuffle(more)
+                order += more
+            chosen, order = order[: stage.prompts_per_step], order[stage.prompts_per_step :]
+            self.step += 1
+            reqs = self.requests_for(
+                chosen, stage.rollouts_per_prompt, stage=stage.name, max_tokens=stage.max_tokens,
+                max_turns=stage.max_turns, temperature=self.cfg.rollout.temperature,
+            )
+            step = await self.run_rollouts(reqs)
+            seqs, advs = self.resample(step, stage)
+            batch = self.pack(
+                seqs, advs, step=self.step, stage=stage.name, kind="rl", lr=stage.lr,
+                optimizer_reset=stage.optimizer_reset and k == 0,
+            )
+            await self.train(batch)
+
+    def resample(self, step: Step, stage: StageSection):
+        """RoC down-sample every group of the step; returns the kept sequences and advantages."""
+        groups: dict[str, list[Rollout]] = {}
+        for r in step.rollouts.values():
+            groups.setdefault(r.request.group_id, []).append(r)
+        seqs, advs = [], []
+        for gid, members in groups.items():
+            stats = []
+            for r in members:
+                t, w = r.trajectory, r.reward
+                n_err = sum(1 for c in t.tool_calls if c.get("status") != "ok")
+                stats.append(
+                    RolloutStats(
+                        rollout_id=t.rollout_id, reward=w.reward, n_tool_calls=len(t.tool_calls),
+                        n_tool_errors=n_err, answer_tags=w.answer_tags, turns=t.turns,
+                    )
+                )
+            res = roc_downsample(stats, stage.group_size, mode=self.cfg.rollout.roc, rng=self.rng)
+            rewards = {s.rollout_id: s.reward for s in stats}
+            kept_adv: dict[str, float] = {}
+            if res.kept:
+                a = group_advantages(
+                    np.asarray([rewards[k] for k in res.kept], np.float32), np.zeros(len(res.kept), np.int64)
+                )
+                kept_adv = {k: float(x) for k, x in zip(res.kept, np.asarray(a).tolist())}
+            self.ctx.emit(
+                GroupResampled(
+                    group_id=gid, step=self.step, mode=f"roc-{self.cfg.rollout.roc}" if self.cfg.rollout.roc != "none" else "none",
+                    kept=res.kept, dropped=res.dropped, penalties=res.penalties, rewards=rewards,
+                    advantages=kept_adv, reason=res.reason,
+                )
+            )
+            by_id = {r.request.rollout_id: r for r in members}
+            for rid in res.kept:
+                t = by_id[rid].trajectory
+                seqs.append(
+                    (rid, t.prompt_ids.tolist(), t.response_ids.tolist(), t.loss_mask.tolist(), t.logprobs.tolist())
+                )
+                advs.append(kept_adv[rid])
+        return seqs, advs
+
+    # ------------------------------------------------------------ evaluation
+
+    async def probe(self, problems: list[Problem], k: int, *, tag: str, temperature: float,
+                    max_tokens: int, max_turns: int) -> Step:
+        reqs = self.requests_for(problems, k, stage=tag, max_tokens=max_tokens, max_turns=max_turns,
+                                 temperature=temperature)
+        return await self.run_rollouts(reqs)
+
+    async def evaluate(self) -> None:
+        ev = self.cfg.eval
+        for name, problems in self.eval_sets.items():
+            step = await self.probe(problems, ev.k, tag="eval", temperature=ev.temperature,
+                                    max_tokens=ev.max_tokens, max_turns=ev.max_turns)
+            rs = list(step.rollouts.values())
+            self.ctx.emit(
+                EvalCompleted(
+                    dataset=name, step=self.step, weights_version=self.weights_version, k=ev.k,
+                    temperature=ev.temperature,
+                    pass_at_1=float(np.mean([r.reward.reward for r in rs])),
+                    n_problems=len(problems),
+                    mean_response_tokens=float(np.mean([int(r.trajectory.loss_mask.sum()) for r in rs])),
+                    mean_tool_calls=float(np.mean([len(r.trajectory.tool_calls) for r in rs])),
+                )
+            )
+
+    async def hard_problems(self, problems: list[Problem], stage: StageSection) -> list[Problem]:
+        """Problems the latest policy does not solve k/k (paper stage 3)."""
+        k = stage.hard_filter_k
+        step = await self.probe(problems, k, tag="filter", temperature=self.cfg.rollout.temperature,
+                                max_tokens=stage.max_tokens, max_turns=stage.max_turns)
+        solved: dict[str, int] = {}
+        for r in step.rollouts.values():
+            solved[r.request.problem_id] = solved.get(r.request.problem_id, 0) + int(r.reward.correct)
+        hard = [p for p in problems if solved.get(p.id, 0) < k]
+        self.ctx.log.info("hard-problem filter", kept=len(hard), of=len(problems), k=k)
+        return hard or problems
+
+    # ------------------------------------------------------------ the recipe
+
+    async def run_recipe(self) -> None:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        train = load_problems(cfg.data.train, integer_only=cfg.data.integer_only, seed=cfg.run.seed)
+        if cfg.data.max_problems:
+            train = train[: cfg.data.max_problems]
+        self.eval_sets = {}
+        for spec in cfg.data.eval:
+            ps = load_problems(spec, integer_only=cfg.data.integer_only, seed=cfg.run.seed)
+            self.eval_sets[spec.split(":")[-1]] = ps[: cfg.eval.max_problems] if cfg.eval.max_problems else ps
+        # Generators announce themselves with their first capacity report.
+        await self.wait_until(lambda: len(self.engines) >= cfg.generator.count)
+        self.ctx.emit(RunStarted(config=cfg.model_dump(mode="json"), run_dir=cfg.run.run_dir,
+                                 version=importlib.metadata.version("reckon-rl")))
+        if cfg.sft.enabled:
+            await self.run_sft()
+        if cfg.eval.at_stage_end and self.eval_sets:
+            await self.evaluate()
+        for i, stage in enumerate(cfg.stages, start=1):
+            await self.run_rl_stage(i, stage, train)
+            if cfg.eval.at_stage_end and self.eval_sets:
+                await self.evaluate()
+        self.ctx.emit(RunCompleted(steps=self.step, seconds=time.monotonic() - t0, status="ok"))
+
+
+def _fields(ev) -> dict:
+    return {f: getattr(ev, f) for f in ev.__dataclass_fields__}
+
+
+def _schedule(peak: float, k: int, steps: int, warmup: int, kind: str) -> float:
+    """Linear warmup to ``peak`` then constant or cosine decay to 0 (SFT recipe)."""
+    if k < warmup:
+        return peak * (k + 1) / warmup
+    if kind == "constant" or steps <= warmup:
+        return peak
+    progress = (k - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    scheduler = Scheduler(ctx)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.inbox_loop)
+        task_status.started()
+        await scheduler.run_recipe()
+        nursery.cancel_scope.cancel()

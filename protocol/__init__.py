@@ -1,0 +1,1 @@
+"""reckon: protocol."""

@@ -1,0 +1,1 @@
+"""reckon: tools_sandbox."""
