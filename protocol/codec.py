@@ -1,4 +1,4 @@
-"""msgpack codec for :class:`~protocol.events.Envelope`, validating on decode.
+"""msgpack codec (msgspec: C-speed encoding and typed validation) for :class:`~protocol.events.Envelope`, validating on decode.
 
 A frame is one msgpack map::
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-import msgpack
+import msgspec
 import numpy as np
 
 from protocol.events import REGISTRY, Envelope, Event
@@ -48,21 +48,21 @@ class EncodeError(ProtocolError):
 # --------------------------------------------------------------------------- encode
 
 
-def _default(obj: Any) -> Any:
+def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind in "iub":
-            return msgpack.ExtType(EXT_I32, np.ascontiguousarray(obj, dtype=_LE_I32).tobytes())
+            return msgspec.msgpack.Ext(EXT_I32, np.ascontiguousarray(obj, dtype=_LE_I32).tobytes())
         if obj.dtype.kind == "f":
-            return msgpack.ExtType(EXT_F32, np.ascontiguousarray(obj, dtype=_LE_F32).tobytes())
+            return msgspec.msgpack.Ext(EXT_F32, np.ascontiguousarray(obj, dtype=_LE_F32).tobytes())
         raise EncodeError(f"cannot encode array of dtype {obj.dtype}")
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, (set, frozenset, tuple)):
+    if isinstance(obj, (set, frozenset)):
         return list(obj)
     raise EncodeError(f"cannot encode {type(obj).__name__}")
 
 
-_packer_default = _default
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
 def payload_dict(event: Event) -> dict[str, Any]:
@@ -71,20 +71,11 @@ def payload_dict(event: Event) -> dict[str, Any]:
 
 
 def encode(env: Envelope) -> bytes:
-    """Envelope -> one msgpack frame."""
-    frame = {
-        "event_id": env.event_id,
-        "type": env.type,
-        "schema_version": env.schema_version,
-        "run_id": env.run_id,
-        "source": env.source,
-        "seq": env.seq,
-        "ts": env.ts,
-        "causation_id": env.causation_id,
-        "payload": payload_dict(env.payload),
-    }
+    """Envelope -> one msgpack frame (the Envelope dataclass maps field for field)."""
     try:
-        return msgpack.packb(frame, default=_packer_default, use_bin_type=True)
+        return _encoder.encode(env)
+    except EncodeError as e:
+        raise EncodeError(f"{env.type}: {e}") from None
     except (TypeError, ValueError, OverflowError) as e:
         raise EncodeError(f"{env.type}: {e}") from e
 
@@ -92,94 +83,89 @@ def encode(env: Envelope) -> bytes:
 # --------------------------------------------------------------------------- decode
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def _ext_hook(code: int, data: memoryview) -> Any:
     if code == EXT_I32:
         if len(data) % 4:
             raise DecodeError("int32 array ext has a length not divisible by 4")
-        return np.frombuffer(data, dtype=_LE_I32).astype(np.int32, copy=False)
+        return np.frombuffer(data, dtype=_LE_I32).astype(np.int32, copy=True)
     if code == EXT_F32:
         if len(data) % 4:
             raise DecodeError("float32 array ext has a length not divisible by 4")
-        return np.frombuffer(data, dtype=_LE_F32).astype(np.float32, copy=False)
+        return np.frombuffer(data, dtype=_LE_F32).astype(np.float32, copy=True)
     raise DecodeError(f"unknown msgpack ext type {code}")
 
 
-Checker = Callable[[Any], bool]
+def _dec_hook(tp: Any, obj: Any) -> Any:
+    if tp is np.ndarray and isinstance(obj, np.ndarray):
+        return obj
+    raise NotImplementedError
 
 
-def _checker_for(tp: Any) -> tuple[Checker, str]:
-    """A predicate for one declared field type, and a name for error messages."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        base, *meta = typing.get_args(tp)
-        if base is np.ndarray:
-            dtype = np.int32 if meta[0] == "int32" else np.float32
-            return (lambda v, d=dtype: isinstance(v, np.ndarray) and v.dtype == d and v.ndim == 1), f"{meta[0]} array"
-        return _checker_for(base)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        parts = [_checker_for(a) for a in typing.get_args(tp)]
-        return (lambda v: any(c(v) for c, _ in parts)), " | ".join(n for _, n in parts)
-    if tp is type(None):
-        return (lambda v: v is None), "None"
-    if tp is bool:
-        return (lambda v: isinstance(v, bool)), "bool"
-    if tp is int:
-        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "int"
-    if tp is float:
-        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "float"
-    if tp is str:
-        return (lambda v: isinstance(v, str)), "str"
-    if tp is list or origin is list:
-        return (lambda v: isinstance(v, list)), "list"
-    if tp is dict or origin is dict:
-        return (lambda v: isinstance(v, dict)), "dict"
-    raise TypeError(f"unsupported event field type {tp!r}")
+@dataclasses.dataclass
+class _WireEnvelope:
+    """The envelope as decoded first; the payload stays raw until its type is known."""
+
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    type: Annotated[str, msgspec.Meta(max_length=128)]
+    schema_version: Annotated[int, msgspec.Meta(ge=1)]
+    run_id: str
+    source: Annotated[str, msgspec.Meta(max_length=256)]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    ts: float
+    causation_id: str | None
+    payload: msgspec.Raw
 
 
-_SPECS: dict[type, list[tuple[str, Checker, str, bool, bool]]] = {}
+_envelope_decoder = msgspec.msgpack.Decoder(_WireEnvelope)
+_raw_decoder = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 
 
-def _spec(cls: type[Event]) -> list[tuple[str, Checker, str, bool, bool]]:
-    spec = _SPECS.get(cls)
-    if spec is None:
+class _PayloadType:
+    """Decoder for one event type, plus the dtype checks msgspec cannot express."""
+
+    def __init__(self, cls: type[Event]):
+        self.cls = cls
+        self.decoder = msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook, dec_hook=_dec_hook)
         hints = typing.get_type_hints(cls, include_extras=True)
-        spec = []
+        self.arrays = []
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            check, name = _checker_for(hints[f.name])
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-            is_float = hints[f.name] is float
-            spec.append((f.name, check, name, required, is_float))
-        _SPECS[cls] = spec
-    return spec
+            tp = hints[f.name]
+            if typing.get_origin(tp) is typing.Annotated and typing.get_args(tp)[0] is np.ndarray:
+                meta = typing.get_args(tp)[1]
+                self.arrays.append((f.name, np.dtype(np.int32 if meta == "int32" else np.float32), meta))
+
+    def check_arrays(self, event: Event) -> Event:
+        for name, dtype, meta in self.arrays:
+            value = getattr(event, name)
+            if value.dtype != dtype or value.ndim != 1:
+                raise DecodeError(f"{self.cls.TYPE}.{name}: expected {meta} array, got {value.dtype} array")
+        return event
+
+
+_PAYLOADS: dict[str, _PayloadType] = {}
+
+
+def _payload_type(name: str) -> _PayloadType | None:
+    pt = _PAYLOADS.get(name)
+    if pt is None:
+        cls = REGISTRY.get(name)
+        if cls is None:
+            return None
+        pt = _PAYLOADS[name] = _PayloadType(cls)
+    return pt
 
 
 def build_payload(cls: type[Event], raw: Any) -> Event:
-    """Validate a raw payload mapping against ``cls`` and construct the event."""
+    """Validate a payload mapping (e.g. read back from the log) and construct the event."""
+    pt = _payload_type(cls.TYPE)
     if not isinstance(raw, dict):
         raise DecodeError(f"{cls.TYPE}: payload is {type(raw).__name__}, expected a map")
-    kwargs: dict[str, Any] = {}
-    for name, check, tname, required, is_float in _spec(cls):
-        if name not in raw:
-            if required:
-                raise DecodeError(f"{cls.TYPE}: missing field {name!r}")
-            continue
-        value = raw[name]
-        if not check(value):
-            raise DecodeError(f"{cls.TYPE}.{name}: expected {tname}, got {type(value).__name__}")
-        kwargs[name] = float(value) if is_float else value
-    return cls(**kwargs)
+    try:
+        event = msgspec.convert(raw, cls, dec_hook=_dec_hook, strict=False)
+    except msgspec.ValidationError as e:
+        raise DecodeError(f"{cls.TYPE}: {e}") from None
+    return pt.check_arrays(event)
 
-
-_ENVELOPE_KEYS: tuple[tuple[str, Checker, str], ...] = (
-    ("event_id", lambda v: isinstance(v, str) and 0 < len(v) <= 128, "non-empty str"),
-    ("type", lambda v: isinstance(v, str), "str"),
-    ("schema_version", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "int >= 1"),
-    ("run_id", lambda v: isinstance(v, str), "str"),
-    ("source", lambda v: isinstance(v, str) and len(v) <= 256, "str"),
-    ("seq", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "int >= 0"),
-    ("ts", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "float"),
-    ("causation_id", lambda v: v is None or isinstance(v, str), "str | None"),
-)
 
 #: Upcasters: (type, from_version) -> function(raw payload) -> raw payload of from_version+1.
 UPCASTERS: dict[tuple[str, int], Callable[[dict], dict]] = {}
@@ -192,46 +178,49 @@ def decode(frame: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     if len(frame) > max_bytes:
         raise DecodeError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte cap")
     try:
-        raw = msgpack.unpackb(
-            frame,
-            ext_hook=_ext_hook,
-            raw=False,
-            strict_map_key=True,
-        )
+        wire = _envelope_decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        raise DecodeError(f"envelope: {e}") from None
+    except Exception as e:  # truncated, not msgpack, trailing bytes, ...
+        raise DecodeError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
+    pt = _payload_type(wire.type)
+    if pt is None:
+        raise DecodeError(f"unknown event type {wire.type!r:.80}")
+    cls = pt.cls
+    version = wire.schema_version
+    try:
+        if version == cls.VERSION:
+            event = pt.decoder.decode(wire.payload)
+        elif version > cls.VERSION:
+            raise DecodeError(f"{cls.TYPE}: schema_version {version} is newer than this reckon's {cls.VERSION}")
+        else:
+            payload = _raw_decoder.decode(wire.payload)
+            while version < cls.VERSION:
+                up = UPCASTERS.get((cls.TYPE, version))
+                if up is None:
+                    raise DecodeError(f"{cls.TYPE}: no upcaster from schema_version {version}")
+                payload = up(payload)
+                version += 1
+            return _envelope(wire, build_payload(cls, payload))
+    except msgspec.ValidationError as e:
+        raise DecodeError(f"{cls.TYPE}: {e}") from None
     except DecodeError:
         raise
-    except Exception as e:  # msgpack raises many types: ExtraData, FormatError, ValueError, ...
-        raise DecodeError(f"not a msgpack frame: {type(e).__name__}: {e}") from None
-    if not isinstance(raw, dict):
-        raise DecodeError(f"frame is a msgpack {type(raw).__name__}, expected a map")
-    for key, check, tname in _ENVELOPE_KEYS:
-        if key not in raw:
-            raise DecodeError(f"envelope: missing {key!r}")
-        if not check(raw[key]):
-            raise DecodeError(f"envelope.{key}: expected {tname}, got {raw[key]!r:.80}")
-    cls = REGISTRY.get(raw["type"])
-    if cls is None:
-        raise DecodeError(f"unknown event type {raw['type']!r:.80}")
-    payload = raw.get("payload")
-    version = raw["schema_version"]
-    if version > cls.VERSION:
-        raise DecodeError(f"{cls.TYPE}: schema_version {version} is newer than this reckon's {cls.VERSION}")
-    while version < cls.VERSION:
-        up = UPCASTERS.get((cls.TYPE, version))
-        if up is None:
-            raise DecodeError(f"{cls.TYPE}: no upcaster from schema_version {version}")
-        payload = up(payload)
-        version += 1
-    event = build_payload(cls, payload)
+    except Exception as e:
+        raise DecodeError(f"{cls.TYPE}: payload is not valid msgpack: {type(e).__name__}: {e}") from None
+    return _envelope(wire, pt.check_arrays(event))
+
+
+def _envelope(wire: _WireEnvelope, event: Event) -> Envelope:
     return Envelope(
-        event_id=raw["event_id"],
-        type=cls.TYPE,
-        schema_version=cls.VERSION,
-        run_id=raw["run_id"],
-        source=raw["source"],
-        seq=raw["seq"],
-        ts=float(raw["ts"]),
-        causation_id=raw["causation_id"],
+        event_id=wire.event_id,
+        type=wire.type,
+        schema_version=event.VERSION,
+        run_id=wire.run_id,
+        source=wire.source,
+        seq=wire.seq,
+        ts=wire.ts,
+        causation_id=wire.causation_id,
         payload=event,
     )
 

@@ -3,7 +3,9 @@
 Every actor binds one :class:`Inbox` (a ROUTER socket) and talks to each peer through a
 :class:`Link` (a DEALER socket connected to the peer's inbox). Wire frames:
 
-* link -> inbox: ``[b"E", event_frame]`` (``event_frame`` is a codec frame);
+* link -> inbox: ``[b"E", event_frame, event_frame, ...]`` (codec frames; everything
+  queued on a link goes out as one multipart message, so the per-message cost of zmq is
+  paid once per burst, not once per event);
 * inbox -> link: ``[b"A", event_id, event_id, ...]`` acknowledgements, batched.
 
 A link keeps every frame until the peer acknowledges it and resends what stays
@@ -41,9 +43,15 @@ KIND_ACK = b"A"
 class _Pump:
     """Owns one zmq socket: the only task that waits on its FD and touches its queues."""
 
-    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]):
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[bytes]], None],
+        prepare: Callable[[], None] | None = None,
+    ):
         self.sock = sock
         self._on_message = on_message
+        self._prepare = prepare  # called before each flush: moves coalesced frames to _out
         self._out: collections.deque[list[bytes]] = collections.deque()
         self._wait_scope: trio.CancelScope | None = None
         self.closed = False
@@ -62,6 +70,8 @@ class _Pump:
         fd = sock.FD
         n = 0
         while not self.closed:
+            if self._prepare is not None:
+                self._prepare()
             # Flush what is queued while the socket accepts it.
             while self._out:
                 try:
@@ -82,6 +92,8 @@ class _Pump:
                 n += 1
                 if n % 1000 == 0:
                     await trio.lowlevel.checkpoint()
+            if self._prepare is not None:
+                self._prepare()  # e.g. the acks produced while draining, as one message
             events = sock.EVENTS
             if events & zmq.POLLIN or (self._out and events & zmq.POLLOUT):
                 await trio.lowlevel.checkpoint()
@@ -125,7 +137,7 @@ class Inbox:
         self._dedupe = dedupe
         self._pending_acks: dict[bytes, list[bytes]] = {}
         self._on_reject = on_reject
-        self._pump = _Pump(self.sock, self._on_message)
+        self._pump = _Pump(self.sock, self._on_message, prepare=self._flush_acks)
         self.received = 0
         self.rejected = 0
         self.duplicates = 0
@@ -138,10 +150,14 @@ class Inbox:
             log.warning("frame rejected", inbox=self.address, reason=reason, size=len(frame))
 
     def _on_message(self, parts: list[bytes]) -> None:
-        if len(parts) != 3 or parts[1] != KIND_EVENT:
+        if len(parts) < 3 or parts[1] != KIND_EVENT:
             self._reject(f"malformed multipart message ({len(parts)} parts)", b"".join(parts[1:2]))
             return
-        identity, _, frame = parts
+        identity = parts[0]
+        for frame in parts[2:]:
+            self._on_frame(identity, frame)
+
+    def _on_frame(self, identity: bytes, frame: bytes) -> None:
         try:
             env = decode(frame, max_bytes=self.max_frame_bytes)
         except DecodeError as e:
@@ -164,17 +180,15 @@ class Inbox:
             self._queue_ack(identity, eid.encode())
 
     def _queue_ack(self, identity: bytes, eid: bytes) -> None:
-        first = not self._pending_acks
         self._pending_acks.setdefault(identity, []).append(eid)
-        if first:
-            self._flush_acks_soon()
-
-    def _flush_acks_soon(self) -> None:
-        # Acks produced while draining one burst go out as one frame per peer, right after.
-        for identity, ids in self._pending_acks.items():
-            self._pump._out.append([identity, KIND_ACK, *ids])
-        self._pending_acks = {}
         self._pump.kick()
+
+    def _flush_acks(self) -> None:
+        # Acks gathered while draining one burst go out as one message per peer.
+        if self._pending_acks:
+            for identity, ids in self._pending_acks.items():
+                self._pump._out.append([identity, KIND_ACK, *ids])
+            self._pending_acks = {}
 
     def ack(self, identity: bytes, env: Envelope) -> None:
         """Acknowledge an event received with ``auto_ack=False`` (after it is durable)."""
@@ -183,8 +197,7 @@ class Inbox:
     def ack_many(self, items: list[tuple[bytes, Envelope]]) -> None:
         for identity, env in items:
             self._pending_acks.setdefault(identity, []).append(env.event_id.encode())
-        if self._pending_acks:
-            self._flush_acks_soon()
+        self._pump.kick()
 
     async def pump(self) -> None:
         await self._pump.run()
@@ -195,6 +208,16 @@ class Inbox:
 
     def receive_nowait(self) -> tuple[bytes, Envelope]:
         return self._recv.receive_nowait()
+
+    async def receive_batch(self, max_items: int = 1000) -> list[tuple[bytes, Envelope]]:
+        """Wait for at least one event, then take whatever else is already queued."""
+        batch = [await self._recv.receive()]
+        while len(batch) < max_items:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return batch
 
     def close(self) -> None:
         self._pump.closed = True
@@ -235,8 +258,26 @@ class Link:
         # event_id -> [frame, last_sent_monotonic]; insertion order = send order
         self.unacked: collections.OrderedDict[bytes, list] = collections.OrderedDict()
         self.acked = trio.Event()
-        self._pump = _Pump(self.sock, self._on_message)
+        self._batch: list[bytes] = []
+        self._pump = _Pump(self.sock, self._on_message, prepare=self._coalesce)
         self.resent = 0
+
+    #: Largest burst sent as one zmq message.
+    BATCH_FRAMES = 512
+    BATCH_BYTES = 4 * 1024 * 1024
+
+    def _coalesce(self) -> None:
+        batch, self._batch = self._batch, []
+        part: list[bytes] = [KIND_EVENT]
+        size = 0
+        for frame in batch:
+            if len(part) > self.BATCH_FRAMES or size + len(frame) > self.BATCH_BYTES and len(part) > 1:
+                self._pump._out.append(part)
+                part, size = [KIND_EVENT], 0
+            part.append(frame)
+            size += len(frame)
+        if len(part) > 1:
+            self._pump._out.append(part)
 
     def _on_message(self, parts: list[bytes]) -> None:
         if parts and parts[0] == KIND_ACK:
@@ -251,7 +292,8 @@ class Link:
         self.unacked[eid] = [frame, time.monotonic()]
         if self.acked.is_set():
             self.acked = trio.Event()
-        self._pump.send([KIND_EVENT, frame])
+        self._batch.append(frame)
+        self._pump.kick()
 
     def resend_due(self, now: float | None = None) -> int:
         """Resend frames unacknowledged for longer than ``resend_after``; returns how many."""
@@ -261,7 +303,7 @@ class Link:
             if now - entry[1] < self.resend_after:
                 break  # ordered by send time
             entry[1] = now
-            self._pump.send([KIND_EVENT, entry[0]])
+            self._batch.append(entry[0])
             n += 1
         if n:
             # keep order by last-sent time: move resent entries to the end
@@ -269,6 +311,7 @@ class Link:
                 eid, entry = self.unacked.popitem(last=False)
                 self.unacked[eid] = entry
             self.resent += n
+            self._pump.kick()
         return n
 
     async def pump(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import msgpack
@@ -98,22 +99,22 @@ def _frame(**changes):
         (b"", "not a msgpack frame"),
         (b"\xc1", "not a msgpack frame"),
         (encode(envelope(Heartbeat(uptime_s=1.0, state="ok")))[:-3], "not a msgpack frame"),
-        (msgpack.packb([1, 2, 3]), "expected a map"),
+        (msgpack.packb([1, 2, 3]), "envelope: Expected `object`, got `array`"),
         (_frame(type="NoSuchEvent"), "unknown event type 'NoSuchEvent'"),
-        (_frame(event_id=KeyError), "missing 'event_id'"),
-        (_frame(seq=-1), "envelope.seq"),
-        (_frame(seq="1"), "envelope.seq"),
-        (_frame(ts="now"), "envelope.ts"),
+        (_frame(event_id=KeyError), "missing required field `event_id`"),
+        (_frame(seq=-1), "at `$.seq`"),
+        (_frame(seq="1"), "Expected `int`, got `str` - at `$.seq`"),
+        (_frame(ts="now"), "at `$.ts`"),
         (_frame(schema_version=99), "newer than"),
-        (_frame(**{"payload.state": KeyError}), "missing field 'state'"),
-        (_frame(**{"payload.uptime_s": "1"}), "Heartbeat.uptime_s: expected float"),
-        (_frame(payload=[1]), "payload is list"),
-        (msgpack.packb({"event_id": "x", "type": "Heartbeat"}, use_bin_type=True), "missing 'schema_version'"),
-        (msgpack.packb(msgpack.ExtType(9, b"abc")), "unknown msgpack ext type 9"),
+        (_frame(**{"payload.state": KeyError}), "Heartbeat: Object missing required field `state`"),
+        (_frame(**{"payload.uptime_s": "1"}), "Heartbeat: Expected `float`, got `str` - at `$.uptime_s`"),
+        (_frame(payload=[1]), "Heartbeat: Expected `object`, got `array`"),
+        (msgpack.packb({"event_id": "x", "type": "Heartbeat"}, use_bin_type=True), "missing required field `schema_version`"),
+        (msgpack.packb(msgpack.ExtType(9, b"abc")), "envelope: Expected `object`, got `ext`"),
     ],
 )
 def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
-    with pytest.raises(DecodeError, match=reason.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(DecodeError, match=re.escape(reason)):
         decode(frame)
 
 
