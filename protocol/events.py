@@ -218,7 +218,7 @@ class RewardAssigned(Event):
     correct: bool
     extracted: str | None  # the answer taken from the response
     gold: str
-    method: str  # which checker decided: math_verify | normalized | no_answer | timeout | ...
+    method: str  # which check decided: exact | math_verify | normalized | mismatch | no_answer | too_large | timeout | error | crashed
     seconds: float
     answer_tags: int  # number of <answer> tags (RoC p_format)
     turns: int

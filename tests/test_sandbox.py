@@ -1,0 +1,191 @@
+"""Correctness of the sandbox pool: results, final-expression printing, limits, queueing, CLI."""
+
+import json
+import os
+
+import pytest
+import trio
+
+from tools_sandbox import (ExecResult, SandboxConfig, SandboxError, SandboxPool, SandboxUnavailable,
+                           ThreadedPool, format_for_model, truncate_text)
+
+
+@pytest.fixture(scope="module")
+def tp():
+    try:
+        with ThreadedPool(SandboxConfig(slots=2, timeout_s=5.0)) as tp:
+            yield tp
+    except SandboxUnavailable as e:  # e.g. not root: the attack suite cannot mean anything
+        pytest.skip(f"sandbox isolation unavailable here: {e}")
+
+
+def test_all_isolation_features_active(tp):
+    assert all(tp.pool.features.values()), tp.pool.feature_errors
+
+
+def test_stdout_and_final_expression(tp):
+    r = tp.execute("print('hello')\nx = 6 * 7\nx")
+    assert (r.status, r.stdout, r.stderr, r.exit_code, r.signal) == ("ok", "hello\n42\n", "", 0, None)
+    assert r.duration_s > 0
+
+
+@pytest.mark.parametrize("code, stdout", [
+    ("None", ""),                         # None is not printed, as in a notebook
+    ("'a' + 'b'", "'ab'\n"),              # repr, not str
+    ("x = 1", ""),                        # an assignment is not an expression
+    ("def f():\n    return 3\nf()", "3\n"),
+    ("import sympy\nsympy.factor(sympy.Symbol('x')**2 - 1)", "(x - 1)*(x + 1)\n"),
+    ("", ""),
+])
+def test_final_expression_printing(tp, code, stdout):
+    r = tp.execute(code)
+    assert r.status == "ok" and r.stdout == stdout
+
+
+def test_exception_is_error_with_traceback_of_user_code_only(tp):
+    r = tp.execute("def f():\n    return 1 / 0\nf()")
+    assert r.status == "error" and r.exit_code == 1
+    assert "ZeroDivisionError" in r.stderr and 'File "<code>", line 2' in r.stderr
+    assert "_zygote" not in r.stderr
+
+
+def test_syntax_error(tp):
+    r = tp.execute("def f(:\n")
+    assert r.status == "error" and "SyntaxError" in r.stderr
+
+
+@pytest.mark.parametrize("code, status, exit_code", [
+    ("import sys; sys.exit(0)", "ok", 0),
+    ("import sys; sys.exit()", "ok", 0),
+    ("import sys; sys.exit(4)", "error", 4),
+    ("import sys; sys.exit('bye')", "error", 1),
+    ("import os; os._exit(3)", "error", 3),
+])
+def test_exit_codes(tp, code, status, exit_code):
+    r = tp.execute(code)
+    assert (r.status, r.exit_code) == (status, exit_code)
+
+
+def test_stderr_and_stdin(tp):
+    r = tp.execute("import sys\nprint(sys.stdin.read().upper(), file=sys.stderr)", stdin="abc")
+    assert r.status == "ok" and r.stderr == "ABC\n" and r.stdout == ""
+
+
+def test_large_stdin_is_fed_while_output_is_read(tp):
+    data = "x" * 300_000
+    r = tp.execute("import sys\nprint(len(sys.stdin.read()))", stdin=data)
+    assert r.stdout == "300000\n"
+
+
+def test_timeout_and_per_call_override(tp):
+    r = tp.execute("while True: pass", timeout_s=0.5)
+    assert r.status == "timeout" and r.signal == 9 and r.exit_code is None
+
+
+def test_memory_limit_per_call(tp):
+    r = tp.execute("import numpy as np\na = np.ones(400 * 2**20 // 8)\nprint(a.sum())", memory_mb=128)
+    assert r.status == "memory" and "MemoryError" in r.stderr
+    assert tp.execute("import numpy as np\nnp.ones(10 * 2**20 // 8).sum()", memory_mb=128).status == "ok"
+
+
+def test_calls_do_not_share_state(tp):
+    assert tp.execute("x = 5\nopen('f', 'w').write('1')").status == "ok"
+    r = tp.execute("import os\nprint('x' in globals(), os.listdir('.'))")
+    assert r.stdout == "False []\n"
+
+
+def test_rng_is_reseeded_per_call(tp):
+    code = "import numpy as np, random\nprint(np.random.randint(1 << 30), random.getrandbits(30))"
+    outs = {tp.execute(code).stdout for _ in range(4)}
+    assert len(outs) == 4
+
+
+def test_threads_work(tp):
+    r = tp.execute("import threading\nt = threading.Thread(target=print, args=('t',))\nt.start(); t.join()")
+    assert r.status == "ok" and r.stdout == "t\n"
+
+
+def test_queueing_beyond_slots():
+    async def main():
+        async with SandboxPool(SandboxConfig(slots=2)) as pool:
+            assert (pool.total_slots, pool.free_slots, pool.queued) == (2, 2, 0)
+            seen = []
+
+            async def call():
+                seen.append(await pool.execute("import time; time.sleep(0.4)"))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(call)
+                await trio.sleep(0.2)
+                assert (pool.free_slots, pool.queued) == (0, 2)
+            assert [r.status for r in seen] == ["ok"] * 4
+            assert pool.free_slots == 2
+
+    try:
+        trio.run(main)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_cancelled_call_replaces_its_slot():
+    async def main():
+        async with SandboxPool(SandboxConfig(slots=1)) as pool:
+            with trio.move_on_after(0.5):
+                await pool.execute("import time; time.sleep(30)")
+            r = await pool.execute("1 + 1")
+            assert r.stdout == "2\n" and pool.stats["slot_restarts"] == 1
+        with pytest.raises(SandboxError):
+            await pool.execute("1")
+
+    try:
+        trio.run(main)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_bad_arguments():
+    pool = SandboxPool()
+    with pytest.raises(TypeError):
+        trio.run(pool.execute, b"print(1)")
+    with pytest.raises(ValueError, match="timeout_s"):
+        trio.run(pool.execute, "1", "", -1.0)
+    with pytest.raises(Exception, match="slots"):
+        SandboxConfig(slots=0)
+
+
+def test_format_for_model_follows_release():
+    ok = ExecResult("ok", "42\n", "", 0, None, 0.0123)
+    assert format_for_model(ok) == "Tool call success\nstdout: 42\n\nexecution time: 0.01s"
+    bad = ExecResult("error", "", "Traceback...\nValueError: x\n", 1, None, 1.5)
+    assert format_for_model(bad) == ("Tool call failure\nreason: error (exit code 1)\n"
+                                     "stderr: Traceback...\nValueError: x\n\nexecution time: 1.50s")
+    seg = ExecResult("killed", "", "", None, 11, 0.1)
+    assert "reason: killed by SIGSEGV" in format_for_model(seg)
+    long = ExecResult("ok", "y" * 5000, "", 0, None, 0.1)
+    text = format_for_model(long, max_chars=100)
+    assert "...(truncated)..." in text and len(text) == 100 + len("...(truncated)...")
+    assert ExecResult.from_dict(json.loads(json.dumps(ok.to_dict()))) == ok
+
+
+def test_truncate_text_sides():
+    assert truncate_text("abcdef", 10) == "abcdef"
+    assert truncate_text("abcdef", 2, "left") == "ab...(truncated)"
+    assert truncate_text("abcdef", 2, "right") == "(truncated)...ef"
+    assert truncate_text("abcdef", 2, "middle") == "a...(truncated)...f"
+    with pytest.raises(ValueError, match="side"):
+        truncate_text("abc", 1, "top")
+
+
+def test_cli_exec_prints_one_json_line():
+    from typer.testing import CliRunner
+
+    from tools_sandbox.cli import app
+
+    if os.geteuid() != 0:
+        pytest.skip("sandbox isolation needs root")
+    out = CliRunner().invoke(app, ["exec", "--timeout", "2"], input="print(1)\n2 + 2\n")
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["stdout"] == "1\n4\n"

@@ -1,0 +1,254 @@
+"""Attack suite (issue 4): each attack is contained, the pool keeps serving, nothing is left over."""
+
+import os
+import pathlib
+
+import pytest
+import trio
+
+from tools_sandbox import SandboxConfig, SandboxUnavailable, ThreadedPool
+
+SECRET = "reckon-test-secret-7f3a"
+SLOTS = 2
+
+
+@pytest.fixture(scope="module")
+def tp():
+    os.environ["RECKON_SANDBOX_TEST_SECRET"] = SECRET  # must not reach any call
+    try:
+        with ThreadedPool(SandboxConfig(slots=SLOTS, timeout_s=3.0, memory_mb=256)) as tp:
+            yield tp
+    except SandboxUnavailable as e:
+        pytest.skip(f"sandbox isolation unavailable here: {e}")
+    finally:
+        os.environ.pop("RECKON_SANDBOX_TEST_SECRET", None)
+
+
+def call_processes(tp):
+    """Pids of live processes running under any slot's uid (calls and whatever they left)."""
+    uids = {str(tp.pool.uid_base + i) for i in range(SLOTS)}
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        if set(uid_line.split()[1:]) & uids:
+            found.append(int(entry.name))
+    return found
+
+
+def check_contained(tp, result, *statuses):
+    assert result.status in statuses, result
+    assert call_processes(tp) == []
+    assert tp.execute("6 * 7").stdout == "42\n"  # the pool still serves
+
+
+FORK_BOMBS = {
+    "os_fork": "import os\nwhile True:\n    os.fork()",
+    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'sleep 100'])",
+    "multiprocessing": "import multiprocessing as mp, time\np = mp.Process(target=time.sleep, args=(100,))\np.start()",
+    "os_system": "import os\nassert os.system('sleep 100') == 0",
+    "posix_spawn": "import os\nos.posix_spawn('/bin/sleep', ['sleep', '100'], {})",
+    "raw_clone": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                 "assert libc.syscall(56, 17, 0, 0, 0, 0) < 0\nassert libc.syscall(57) < 0\n"
+                 "assert libc.syscall(58) < 0\nraise SystemExit(9)",
+    "x32_abi_fork": "import ctypes\nprint(ctypes.CDLL(None).syscall(0x40000000 | 57))",
+    "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()",
+}
+
+
+@pytest.mark.parametrize("name", list(FORK_BOMBS))
+def test_fork_bombs(tp, name):
+    r = tp.execute(FORK_BOMBS[name], timeout_s=2.0)
+    # killed: the x32 syscall is rejected by seccomp's bad-architecture action;
+    # timeout: the thread bomb's threads (capped by RLIMIT_NPROC) are waited for at exit
+    check_contained(tp, r, "error", "killed", "timeout")
+    assert r.status == "killed" or any(sign in r.stderr for sign in (
+        "Operation not permitted", "AssertionError", "can't start new thread")) or r.exit_code == 9, r
+
+
+@pytest.mark.parametrize("code", [
+    "a = []\nwhile True:\n    a.append(bytearray(32 << 20))",
+    "import numpy as np\nnp.zeros((1 << 40,))",
+    "x = ' ' * (1 << 40)",
+])
+def test_memory_bombs(tp, code):
+    check_contained(tp, tp.execute(code), "memory")
+
+
+@pytest.mark.parametrize("code", [
+    "while True:\n    pass",
+    "import time\ntime.sleep(1000)",
+    "import signal, time\nfor s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGXCPU):\n"
+    "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",
+    "import os\nos.close(1); os.close(2)\nwhile True:\n    pass",
+    "import threading\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()",
+])
+def test_infinite_loops_and_sleeps(tp, code):
+    r = tp.execute(code, timeout_s=0.7)
+    check_contained(tp, r, "timeout")
+    assert r.duration_s < 3
+
+
+@pytest.mark.parametrize("code", [
+    "while True:\n    print('x' * 10000)",
+    "import sys\nwhile True:\n    sys.stderr.write('y' * 10000)",
+    "import os\nos.write(1, b'z' * (10 << 20))",
+])
+def test_output_floods(tp, code):
+    r = tp.execute(code)
+    check_contained(tp, r, "output_limit")
+    assert max(len(r.stdout), len(r.stderr)) == tp.config.max_output_bytes
+
+
+@pytest.mark.parametrize("path", ["/tmp/evil", "/var/tmp/evil", "/dev/shm/evil", "/root/evil",
+                                  "/etc/evil", str(pathlib.Path.cwd() / "evil_from_sandbox")])
+def test_writes_outside_temp_dir(tp, path):
+    r = tp.execute(f"open({path!r}, 'w').write('x')")
+    check_contained(tp, r, "error")
+    assert not os.path.exists(path)
+
+
+def test_big_file_hits_fsize_limit(tp):
+    r = tp.execute("open('big', 'wb').write(b'x' * (64 << 20))")
+    check_contained(tp, r, "error")
+    assert "File too large" in r.stderr or "No space left" in r.stderr
+
+
+def test_reading_other_calls_files(tp):
+    async def scenario(pool):
+        results = {}
+
+        async def victim():
+            results["victim"] = await pool.execute(
+                "import os, time\nopen('secret', 'w').write('v1ct1m')\nprint(os.getcwd())\n"
+                "import sys; sys.stdout.flush()\ntime.sleep(1.5)")
+
+        async def thief():
+            await trio.sleep(0.5)
+            results["thief"] = await pool.execute(
+                "import glob, os\nfound = []\n"
+                "try:\n    found += os.listdir('/tmp')\nexcept OSError as e:\n    print('listdir', e.errno)\n"
+                "for d in glob.glob('/tmp/*/secret') + [f'/tmp/call-{s}-{n}/secret' for s in range(4) for n in range(50)]:\n"
+                "    try:\n        found.append(open(d).read())\n    except OSError:\n        pass\n"
+                "print(found)")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim)
+            nursery.start_soon(thief)
+        return results
+
+    results = tp.run(scenario)
+    assert results["victim"].status == "ok"
+    assert results["thief"].status == "ok" and "v1ct1m" not in results["thief"].stdout
+    assert results["thief"].stdout.endswith("[]\n")
+    check_contained(tp, results["thief"], "ok")
+
+
+def test_reading_parent_environment_and_secrets(tp):
+    code = (
+        "import os, glob\nleak = []\n"
+        "leak.append(str(dict(os.environ)))\n"
+        f"paths = ['/proc/{os.getpid()}/environ', '/proc/{os.getpid()}/cmdline', '/proc/1/environ',\n"
+        f"         '/proc/{tp.pool._proc.pid}/environ', '/root/.bash_history', '/etc/shadow']\n"
+        "paths += glob.glob('/proc/*/environ')\n"
+        "for p in paths + ['/proc/%d/environ' % os.getppid()]:\n"
+        "    try:\n        leak.append(open(p, 'rb').read().decode(errors='replace'))\n"
+        "    except OSError:\n        pass\n"
+        "print(leak)\nprint(sorted(os.listdir('/proc'))[:50])")
+    r = tp.execute(code)
+    check_contained(tp, r, "ok")
+    assert SECRET not in r.stdout
+    visible_pids = [p for p in eval(r.stdout.splitlines()[1]) if p.isdigit()]
+    assert len(visible_pids) <= 1  # hidepid: only the call itself
+
+
+@pytest.mark.parametrize("code", [
+    "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+    "import socket\nsocket.socket(socket.AF_UNIX).connect('/tmp/x')",
+    "import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)",
+    "import socket\nsocket.socketpair()",
+])
+def test_network(tp, code):
+    r = tp.execute(code)
+    check_contained(tp, r, "error")
+    assert "Operation not permitted" in r.stderr or "URLError" in r.stderr
+
+
+def test_kill_parent_zygote_and_test_process(tp):
+    code = (
+        "import os, signal\nout = []\n"
+        f"for pid in (os.getppid(), {tp.pool._proc.pid}, {os.getpid()}, 1):\n"
+        "    try:\n        os.kill(pid, signal.SIGKILL)\n        out.append('killed %d' % pid)\n"
+        "    except OSError as e:\n        out.append(e.errno)\n"
+        "os.kill(-1, signal.SIGKILL)\nprint(out)")
+    r = tp.execute(code)
+    # kill(-1) reaches only the call's own uid, i.e. the call itself
+    check_contained(tp, r, "killed", "ok")
+    assert "killed" not in r.stdout
+
+
+def test_kill_sibling_call(tp):
+    async def scenario(pool):
+        results = {}
+
+        async def victim():
+            results["victim"] = await pool.execute("import time\ntime.sleep(1.5)\nprint('alive')")
+
+        async def attacker():
+            await trio.sleep(0.5)
+            pids = await trio.to_thread.run_sync(call_processes, tp)
+            results["attacker"] = await pool.execute(
+                f"import os\nfor pid in {pids}:\n    try:\n        os.kill(pid, 9)\n"
+                "    except OSError as e:\n        print(e.errno)")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim)
+            nursery.start_soon(attacker)
+        return results
+
+    results = tp.run(scenario)
+    assert results["victim"].stdout == "alive\n"
+    check_contained(tp, results["attacker"], "ok")
+
+
+@pytest.mark.parametrize("code", [
+    "import os\nos.setsid()",
+    "import os\nos.setpgid(0, 0)\nwhile True:\n    pass",
+    "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        import time; time.sleep(100)",
+    "import os\nos.setuid(0)",
+])
+def test_session_and_privilege_tampering(tp, code):
+    check_contained(tp, tp.execute(code, timeout_s=0.7), "error", "timeout")
+
+
+@pytest.mark.parametrize("code", [
+    "import ctypes\nctypes.string_at(0)",
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "print(libc.unshare(0x40000000), libc.mount(b'none', b'/', None, 0, None), libc.syscall(425, 8, 0))",
+    "import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.prctl(22, 0, 0, 0, 0), libc.ptrace(16, 1, 0, 0))",
+    "import os\nos.chroot('/tmp')",
+    "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo pwned'])",
+])
+def test_ctypes_and_syscall_tricks(tp, code):
+    r = tp.execute(code)
+    check_contained(tp, r, "error", "killed", "ok")
+    if r.status == "ok":  # every privileged call failed
+        assert r.stdout.strip() in ("-1 -1 -1", "-1 -1"), r.stdout
+    assert "pwned" not in r.stdout
+
+
+def test_os_exit_in_the_middle(tp):
+    r = tp.execute("import os, sys\nprint('partial'); sys.stdout.flush()\nos._exit(0)\nprint('never')")
+    check_contained(tp, r, "ok")
+    assert r.stdout == "partial\n"
+
+
+def test_no_zombies_or_strays_after_suite(tp):
+    assert call_processes(tp) == []
+    assert tp.pool.free_slots == SLOTS

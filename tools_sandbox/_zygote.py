@@ -1,0 +1,760 @@
+"""The sandbox zygote: a warm interpreter that forks slot workers, which fork one child per call.
+
+This file runs as its own program (``python -I _zygote.py CONFIG_JSON``), started by
+``tools_sandbox.pool`` with an almost empty environment. It imports only the standard library
+and the modules named in the config's ``preload`` list, so nothing of the parent (its
+environment, its open files, its imported packages) is visible to untrusted code.
+
+Process tree and who does what::
+
+    pool (trio, the caller's process)
+     └─ zygote (root): preload numpy/sympy, gc.freeze(), unshare NET|IPC|NS, private /proc
+        (hidepid), whole file tree read-only, fresh tmpfs on /tmp, compile the seccomp filter
+         └─ slot i (root, one per concurrent call, subreaper): receives one request at a time
+             └─ call child (uid = slot uid): setsid, fds closed, rlimits, no_new_privs,
+                seccomp, runs the code, exits with os._exit
+
+Wire formats:
+- zygote control socket (SOCK_SEQPACKET, one JSON message per packet): the pool sends
+  ``{"op": "spawn", "slot": i}``; the zygote answers ``{"op": "slot", "slot": i, "pid": p}``
+  with the pool's end of a fresh socketpair attached (SCM_RIGHTS). The first packet the
+  zygote sends is ``{"op": "hello", "pid": p, "features": {...}, "errors": {...}}``.
+  EOF on the control socket makes the zygote kill its slots and exit.
+- slot socket (SOCK_STREAM): 4-byte big-endian length + JSON, one request then one reply.
+  Request: ``{"code", "stdin", "timeout_s", "memory_mb"}``; reply: the result dict of
+  ``tools_sandbox.result.ExecResult``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import gc
+import importlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+
+# Exit code the call child uses to say "MemoryError" (statuses are derived in the slot).
+MEMORY_EXIT = 199
+
+# Linux constants (x86_64 / aarch64 share these values).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+CLONE_THREAD = 0x00010000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+MS_BIND, MS_MOVE = 0x1000, 0x2000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
+PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 38, 36
+SECCOMP_MODE_FILTER = 2
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}
+
+# Syscalls the call child may not make (EPERM), beyond the clone rule below. A deny list,
+# not an allow list: numpy/sympy/stdlib use a wide and version-dependent set of syscalls,
+# and everything dangerous left after the namespaces, uid drop and rlimits is named here.
+DENIED_SYSCALLS = (
+    # new processes and programs
+    "fork", "vfork", "execve", "execveat",
+    # network and local sockets
+    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+    # looking into or signalling other processes
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_open",
+    "pidfd_getfd", "pidfd_send_signal", "move_pages", "migrate_pages",
+    # file systems and namespaces
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "unshare", "setns",
+    "open_by_handle_at", "name_to_handle_at", "quotactl", "swapon", "swapoff",
+    # kernel attack surface
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "keyctl", "add_key", "request_key", "personality", "acct",
+    "syslog", "iopl", "ioperm", "uselib", "vhangup", "lookup_dcookie", "reboot",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "fanotify_init", "seccomp",
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    """Raise OSError with errno when a libc call returned -1."""
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option: int, arg2: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), f"prctl({option})")
+
+
+# ----------------------------------------------------------------------------- seccomp
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+class _ScmpArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def build_seccomp_program() -> _SockFprog:
+    """Compile the call child's filter once with libseccomp and return it as raw BPF.
+
+    The child then installs it with one prctl (microseconds), instead of asking libseccomp
+    to recompile per call. Raises OSError when libseccomp is missing or rejects a rule.
+    """
+    path = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    lib = ctypes.CDLL(path, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ScmpArgCmp)]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    act_allow = 0x7FFF0000
+
+    def act_errno(code: int) -> int:
+        return 0x00050000 | (code & 0xFFFF)
+
+    ctx = lib.seccomp_init(act_allow)
+    if not ctx:
+        raise OSError(errno.EINVAL, "seccomp_init failed")
+    try:
+        def add(name: str, action: int, *cmps: _ScmpArgCmp) -> None:
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:  # not a syscall on this architecture (e.g. fork on aarch64)
+                return
+            arr = (_ScmpArgCmp * len(cmps))(*cmps) if cmps else None
+            ret = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
+            if ret < 0:
+                raise OSError(-ret, f"seccomp_rule_add({name}): {os.strerror(-ret)}")
+
+        for name in DENIED_SYSCALLS:
+            add(name, act_errno(errno.EPERM))
+        # clone is allowed only for threads; clone3 passes its flags in memory, which BPF
+        # cannot inspect, so it reports ENOSYS and glibc falls back to clone for threads.
+        masked_eq = 7
+        add("clone", act_errno(errno.EPERM), _ScmpArgCmp(0, masked_eq, CLONE_THREAD, 0))
+        add("clone3", act_errno(errno.ENOSYS))
+        fd = os.memfd_create("seccomp-bpf")
+        try:
+            ret = lib.seccomp_export_bpf(ctx, fd)
+            if ret < 0:
+                raise OSError(-ret, f"seccomp_export_bpf: {os.strerror(-ret)}")
+            os.lseek(fd, 0, os.SEEK_SET)
+            raw = b""
+            while chunk := os.read(fd, 65536):
+                raw += chunk
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+    n = len(raw) // ctypes.sizeof(_SockFilter)
+    filters = (_SockFilter * n).from_buffer_copy(raw)
+    prog = _SockFprog(n, filters)
+    prog._keepalive = filters  # the struct only points at the array
+    return prog
+
+
+# ----------------------------------------------------------------------------- zygote setup
+
+
+def _blocking_ancestor(path: str) -> str | None:
+    """The first directory on ``path`` that other users cannot traverse (no o+x), or None."""
+    parts = os.path.abspath(path).split("/")[1:]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return None
+        if not mode & 0o001:
+            return current
+    return None
+
+
+def _expose_interpreter(paths: list[str]) -> None:
+    """Let calls (another uid) read the interpreter and its libraries, and nothing beside them.
+
+    Typical case: Python under /root/.pyenv with /root mode 0700. In this zygote's private
+    mount namespace, each such blocking directory is covered by an empty tmpfs (mode 0711,
+    hiding e.g. /root/.ssh) and only the needed child directory is bind-mounted back.
+    """
+    stage_root = "/tmp"  # staging area; the real private /tmp is mounted over it later
+    _check(_libc.mount(b"tmpfs", stage_root.encode(), b"tmpfs", 0, b"size=1m,mode=0700"),
+           "mount staging tmpfs")
+    try:
+        for _ in range(8):  # each pass fixes the outermost blocking directory of each path
+            todo: dict[str, set[str]] = {}
+            for p in paths:
+                blocked = _blocking_ancestor(p)
+                if blocked is not None:
+                    rel = os.path.relpath(os.path.abspath(p), blocked).split("/")[0]
+                    todo.setdefault(blocked, set())
+                    if rel != ".":
+                        todo[blocked].add(rel)
+            if not todo:
+                return
+            for blocked, children in todo.items():
+                staged = []
+                for i, child in enumerate(sorted(children)):
+                    stage = f"{stage_root}/s{len(blocked)}-{i}"
+                    os.mkdir(stage)
+                    _check(_libc.mount(os.path.join(blocked, child).encode(), stage.encode(),
+                                       None, MS_BIND | MS_REC, None), f"bind {blocked}/{child}")
+                    staged.append((child, stage))
+                _check(_libc.mount(b"tmpfs", blocked.encode(), b"tmpfs", 0, b"size=1m,mode=0711"),
+                       f"cover {blocked}")
+                for child, stage in staged:
+                    target = os.path.join(blocked, child)
+                    os.mkdir(target, 0o755)
+                    _check(_libc.mount(stage.encode(), target.encode(), None, MS_MOVE, None),
+                           f"move {stage} to {target}")
+        raise OSError(errno.ELOOP, f"could not make {paths} readable to other users")
+    finally:
+        _libc.umount2(stage_root.encode(), 0)
+
+
+def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
+    """Unshare namespaces, privatize /proc, make the tree read-only, mount a fresh /tmp.
+
+    Each step records success in ``features`` and its error text in ``errors``; a failed
+    step never raises, because the pool decides (insecure or not) whether to go on.
+    """
+    def step(name, fn):
+        try:
+            fn()
+            features[name] = True
+        except OSError as e:
+            features[name] = False
+            errors[name] = str(e)
+
+    step("net_namespace", lambda: _check(_libc.unshare(CLONE_NEWNET), "unshare(NET)"))
+    step("ipc_namespace", lambda: _check(_libc.unshare(CLONE_NEWIPC), "unshare(IPC)"))
+
+    def mount_ns():
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(NS)")
+        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+
+    step("mount_namespace", mount_ns)
+    if not features["mount_namespace"]:
+        for name in ("private_proc", "readonly_root", "private_tmp"):
+            features[name] = False
+            errors[name] = "needs the mount namespace"
+        return
+    # A fresh proc instance with hidepid: a call sees only its own uid's processes, so the
+    # parent's environ/cmdline and other calls' /proc entries are invisible to it.
+    step("private_proc", lambda: _check(_libc.mount(
+        b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible"),
+        "mount proc hidepid"))
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    def readonly_root():
+        nr = SYS_MOUNT_SETATTR.get(os.uname().machine)
+        if nr is None:
+            raise OSError(errno.ENOSYS, "mount_setattr number unknown on this architecture")
+        attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+        _check(_libc.syscall(nr, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
+                             ctypes.sizeof(attr)), "mount_setattr(/, RDONLY, recursive)")
+
+    if features.get("uid_drop"):
+        paths = [sys.base_prefix, sys.prefix, sys.exec_prefix,
+                 *(p for p in sys.path if p and os.path.isdir(p))]
+        step("interpreter_visible", lambda: _expose_interpreter(paths))
+    step("readonly_root", readonly_root)
+    # The only writable place: a tmpfs that only this zygote's mount namespace sees. Mode
+    # 0711 so a call cannot list the other calls' directories.
+    opts = f"size={int(cfg['tmpfs_mb'])}m,nr_inodes=65536,mode=0711".encode()
+    step("private_tmp", lambda: _check(_libc.mount(
+        b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount tmpfs on /tmp"))
+
+
+# ----------------------------------------------------------------------------- framing
+
+
+def send_frame(sock: socket.socket, obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> dict | None:
+    head = _recv_exact(sock, 4)
+    if head is None:
+        return None
+    body = _recv_exact(sock, struct.unpack(">I", head)[0])
+    return None if body is None else json.loads(body)
+
+
+# ----------------------------------------------------------------------------- call child
+
+
+def _run_user_code(code: str) -> int:
+    """Execute ``code`` as ``__main__``; print a final bare expression's repr. Returns exit code."""
+    import ast
+    import builtins
+    import linecache
+    import traceback
+
+    filename = "<code>"
+    # Registered so tracebacks show the offending source line.
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), namespace)
+            if value is not None:
+                print(repr(value))
+        return 0
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code & 0xFF
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException as e:  # the user's error is the result, not ours
+        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None  # drop this frame
+        try:
+            traceback.print_exception(type(e), e, tb, file=sys.stderr)
+        except BaseException:
+            pass
+        return MEMORY_EXIT if isinstance(e, MemoryError) else 1
+
+
+def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
+           fds: tuple[int, int, int], req: dict, as_bytes: int) -> None:
+    """Become the confined call process and run the code; never returns."""
+    try:
+        import resource
+
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, 1 << 16)
+        os.chdir(tmpdir)
+        os.umask(0o077)
+        timeout = float(req["timeout_s"])
+        cpu = int(timeout) + 2
+        limits = [
+            (resource.RLIMIT_CPU, cpu, cpu + 1),
+            (resource.RLIMIT_FSIZE, cfg["max_file_bytes"], cfg["max_file_bytes"]),
+            (resource.RLIMIT_NOFILE, cfg["max_open_files"], cfg["max_open_files"]),
+            (resource.RLIMIT_CORE, 0, 0),
+            (resource.RLIMIT_AS, as_bytes, as_bytes),
+        ]
+        if features.get("uid_drop"):
+            # Counted per real uid, so it is only meaningful once we have our own uid
+            # (and ignored for root anyway). Threads count too.
+            limits.append((resource.RLIMIT_NPROC, cfg["max_threads"], cfg["max_threads"]))
+        for which, soft, hard in limits:
+            resource.setrlimit(which, (soft, hard))
+        if features.get("uid_drop"):
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        # After the uid change, which clears both settings.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(PR_SET_DUMPABLE, 0)
+        if features.get("no_new_privs"):
+            _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if seccomp_prog is not None:
+            _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
+                               ctypes.byref(seccomp_prog), 0, 0), "seccomp filter")
+        os.environ.clear()
+        os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
+                           "LANG": "C.UTF-8"})
+        import tempfile
+        tempfile.tempdir = tmpdir
+        # Children of one zygote share its RNG states: reseed every generator we know of.
+        import random
+        seed = int.from_bytes(os.urandom(8), "little")
+        random.seed(seed)
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed(seed % (1 << 32))
+        sys.argv = ["<code>"]
+        code = _run_user_code(req["code"])
+        if "threading" in sys.modules:  # like interpreter exit: wait for non-daemon threads
+            threading = sys.modules["threading"]
+            for thread in threading.enumerate():
+                if thread is not threading.main_thread() and not thread.daemon:
+                    thread.join()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(code)
+    except BaseException as e:  # setup failed: report on stderr, never fall back to the slot
+        try:
+            os.write(2, f"sandbox setup failed: {type(e).__name__}: {e}\n".encode())
+        finally:
+            os._exit(70)
+
+
+# ----------------------------------------------------------------------------- slot worker
+
+
+def _children_of_self() -> list[int]:
+    """Live children of this process (orphans are reparented here: we are a subreaper)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _sweep(uid: int, features: dict) -> int:
+    """Kill every process left by the call (all run as ``uid``, unique to this slot); reap them.
+
+    Returns how many leftover processes were found. With seccomp active a call cannot
+    create processes, so this is a safety net for insecure mode and for kernel surprises.
+    """
+    found = 0
+    for _ in range(50):
+        left = _children_of_self()
+        while True:  # reap whatever already died
+            try:
+                pid, _st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        left = _children_of_self()
+        if not left:
+            return found
+        found += len(left)
+        if features.get("uid_drop"):
+            killer = os.fork()
+            if killer == 0:  # kill(-1) as the call's uid reaches exactly that uid's processes
+                try:
+                    os.setresuid(uid, uid, uid)
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(killer, 0)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.001)
+    return found
+
+
+def _read_vm_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq: int,
+              req: dict) -> dict:
+    """Fork one confined child for ``req``, supervise it, and return the result dict."""
+    timeout = float(req["timeout_s"])
+    cap = int(cfg["max_output_bytes"])
+    as_bytes = _read_vm_bytes() + int(req["memory_mb"]) * (1 << 20)
+    tmpdir = f"/tmp/call-{slot}-{seq}"
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    os.mkdir(tmpdir, 0o700)
+    if features.get("uid_drop"):
+        os.chown(tmpdir, uid, uid)
+    stdin_data = req.get("stdin", "").encode()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        _child(cfg, features, seccomp_prog, uid, tmpdir, (in_r, out_w, err_w), req, as_bytes)
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    bufs = {out_r: bytearray(), err_r: bytearray()}
+    for fd in (in_w, out_r, err_r):
+        os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(out_r, select.POLLIN)
+    poller.register(err_r, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    if stdin_data:
+        poller.register(in_w, select.POLLOUT)
+    else:
+        os.close(in_w)
+        in_w = -1
+    open_pipes = {out_r, err_r}
+    reason = None  # why we killed it: "timeout" | "output_limit"
+    exited = False
+    deadline = start + timeout
+
+    def read_pipe(fd: int) -> None:
+        nonlocal reason
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            open_pipes.discard(fd)
+            poller.unregister(fd)
+            return
+        room = cap - len(bufs[fd])
+        bufs[fd] += data[:room]
+        if len(data) > room:
+            reason = "output_limit"
+
+    while reason is None and not exited:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            reason = "timeout"
+            break
+        for fd, ev in poller.poll(max(1, int(remaining * 1000) + 1)):
+            if fd == pidfd:
+                exited = True
+            elif fd == in_w:
+                try:
+                    n = os.write(in_w, stdin_data[:65536])
+                    stdin_data = stdin_data[n:]
+                except BlockingIOError:
+                    n = 0
+                except BrokenPipeError:
+                    stdin_data = b""
+                if not stdin_data:
+                    poller.unregister(in_w)
+                    os.close(in_w)
+                    in_w = -1
+            else:
+                read_pipe(fd)
+    if reason is not None:
+        for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            try:
+                target()
+            except ProcessLookupError:
+                pass
+    _, wstatus = os.waitpid(pid, 0)
+    duration = time.monotonic() - start
+    # What the child wrote before exiting is already in the pipes: take it without waiting
+    # for EOF, which a leftover process could hold back forever.
+    for fd in list(open_pipes):
+        while fd in open_pipes and reason != "output_limit":
+            before = len(bufs[fd])
+            read_pipe(fd)
+            if len(bufs[fd]) == before and fd in open_pipes:
+                break
+    for fd in (out_r, err_r, pidfd, in_w):
+        if fd >= 0:
+            os.close(fd)
+    leftovers = _sweep(uid, features)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+    exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
+    sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+    if reason is not None:
+        status = reason
+    elif sig is not None:
+        status = "timeout" if sig == signal.SIGXCPU else "killed"
+    elif exit_code == MEMORY_EXIT:
+        status = "memory"
+    elif exit_code == 0:
+        status = "ok"
+    else:
+        status = "error"
+    return {
+        "status": status,
+        "stdout": bufs[out_r].decode("utf-8", "replace"),
+        "stderr": bufs[err_r].decode("utf-8", "replace"),
+        "exit_code": exit_code,
+        "signal": sig,
+        "duration_s": duration,
+        "leftover_processes": leftovers,
+    }
+
+
+def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
+               sock: socket.socket) -> None:
+    """Serve calls on ``sock`` until the pool closes it; never returns."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if features.get("subreaper"):
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    seq = 0
+    while True:
+        req = recv_frame(sock)
+        if req is None:
+            os._exit(0)
+        seq += 1
+        try:
+            result = _run_call(cfg, features, seccomp_prog, slot, uid, seq, req)
+        except Exception as e:  # a slot bug must come back as a result, not a hang
+            result = {"status": "killed", "stdout": "", "stderr": f"sandbox slot error: {e!r}",
+                      "exit_code": None, "signal": None, "duration_s": 0.0}
+        send_frame(sock, result)
+
+
+# ----------------------------------------------------------------------------- zygote main
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    ctl = socket.socket(fileno=int(cfg["control_fd"]))
+    # The pool's death closes the control socket, which ends the loop below. (Not
+    # PR_SET_PDEATHSIG: it fires when the *thread* that spawned us exits, and trio spawns
+    # processes from short-lived worker threads.) If the pool is already gone, do not start.
+    if os.getppid() != int(cfg["parent_pid"]):
+        os._exit(1)
+    # Ctrl-C in the caller's terminal reaches its whole process group; the pool, not the
+    # keyboard, decides when the zygote and its slots stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    features: dict[str, bool] = {}
+    errors: dict[str, str] = {}
+    preload_errors = {}
+    # What every call child uses itself: imported here once, not per call.
+    for name in ("ast", "builtins", "linecache", "traceback", "resource", "tempfile", "random"):
+        importlib.import_module(name)
+    for name in cfg["preload"]:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            preload_errors[name] = str(e)
+    root = os.geteuid() == 0
+    features["uid_drop"] = root
+    if not root:
+        errors["uid_drop"] = "the sandbox must start as root to run calls under their own uid"
+    try:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        _prctl(PR_SET_CHILD_SUBREAPER, 0)
+        features["subreaper"] = True
+    except OSError as e:
+        features["subreaper"], errors["subreaper"] = False, str(e)
+    try:
+        # no_new_privs is irreversible: probe it in a throwaway child.
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _prctl(PR_SET_NO_NEW_PRIVS, 1)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        features["no_new_privs"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    except OSError as e:
+        features["no_new_privs"], errors["no_new_privs"] = False, str(e)
+    seccomp_prog = None
+    try:
+        seccomp_prog = build_seccomp_program()
+        features["seccomp"] = True
+    except OSError as e:
+        features["seccomp"], errors["seccomp"] = False, str(e)
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        features["pidfd"] = True
+    except (OSError, AttributeError) as e:
+        features["pidfd"], errors["pidfd"] = False, str(e)
+    if root:
+        _isolate_zygote(cfg, features, errors)
+    else:
+        for name in ("net_namespace", "ipc_namespace", "mount_namespace", "private_proc",
+                     "readonly_root", "private_tmp"):
+            features[name] = False
+            errors[name] = "needs root (CAP_SYS_ADMIN)"
+    if not features["pidfd"]:
+        ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
+                             "errors": errors, "fatal": "pidfd_open is required (Linux >= 5.3)"}
+                            ).encode())
+        os._exit(1)
+    # One uid per slot, unique among live pools on this host (pids are unique), so a call
+    # can signal or read nothing but itself, and the leftover sweep hits only its own call.
+    uid_base = cfg["uid_base"]
+    if uid_base is None:
+        uid_base = 1_000_000_000 + (os.getpid() % (1 << 22)) * 64
+
+    # Everything imported so far is shared copy-on-write with every slot and call: keep the
+    # collector from touching (and so copying) those pages.
+    gc.collect()
+    gc.freeze()
+    ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
+                         "errors": errors, "preload_errors": preload_errors,
+                         "uid_base": uid_base if features["uid_drop"] else None}).encode())
+    slots: dict[int, int] = {}
+    while True:
+        ready, _, _ = select.select([ctl], [], [], 0.5)
+        while slots:  # reap slots that died (killed by the pool, or crashed)
+            try:
+                pid, _st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            slots = {k: v for k, v in slots.items() if v != pid}
+        if not ready:
+            continue
+        msg = ctl.recv(65536)
+        if not msg:
+            break
+        req = json.loads(msg)
+        if req.get("op") != "spawn":
+            continue
+        slot = int(req["slot"])
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ctl.close()
+                theirs.close()
+                _slot_main(cfg, features, seccomp_prog, slot, uid_base + slot, ours)
+            finally:
+                os._exit(0)
+        ours.close()
+        slots[slot] = pid
+        socket.send_fds(ctl, [json.dumps({"op": "slot", "slot": slot, "pid": pid}).encode()],
+                        [theirs.fileno()])
+        theirs.close()
+    for pid in slots.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in slots:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
