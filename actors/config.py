@@ -17,10 +17,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.dispatch import DispatchConfig
 from actors.engines import EngineConfig
 from tools_sandbox import SandboxConfig
 from training.learner import LearnerConfig
 from training.rewards import VerifierConfig
+from training.roc import RocConfig
 
 
 class ConfigError(ValueError):
@@ -89,9 +91,9 @@ class StageSection(Section):
 
 class RolloutSection(Section):
     temperature: float = Field(default=1.0, ge=0)  # sampling temperature for training rollouts (paper: 1.0)
-    roc: Literal["release", "paper", "none"] = "release"  # RoC down-sampling mode; none = plain GRPO
     staleness: int = Field(default=0, ge=0)  # weight versions generation may run ahead (0 = on-policy)
-    policy: Literal["dynamic", "static"] = "dynamic"  # rollout dispatch policy
+    roc: RocConfig = Field(default_factory=RocConfig)  # Resample-on-Correct down-sampling (mode none = plain GRPO)
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # where and when rollouts start
 
 
 class GeneratorSection(Section):

@@ -79,7 +79,7 @@ class Scheduler:
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.engines: dict[str, EngineState] = {}
         self.tool_queue: dict[str, int] = {}
-        self.policy = make_policy(self.cfg.rollout.policy)
+        self.policy = make_policy(self.cfg.rollout.dispatch)
         self.pending: list[Rollout] = []
         self.in_flight: dict[str, Rollout] = {}
         self.current: Step | None = None
@@ -336,7 +336,8 @@ class Scheduler:
                         n_tool_errors=n_err, answer_tags=w.answer_tags, turns=t.turns,
                     )
                 )
-            res = roc_downsample(stats, stage.group_size, mode=self.cfg.rollout.roc, rng=self.rng)
+            roc = self.cfg.rollout.roc
+            res = roc_downsample(stats, stage.group_size, mode=roc.mode, rng=self.rng, min_per_side=roc.min_per_side)
             rewards = {s.rollout_id: s.reward for s in stats}
             kept_adv: dict[str, float] = {}
             if res.kept:
@@ -346,7 +347,7 @@ class Scheduler:
                 kept_adv = {k: float(x) for k, x in zip(res.kept, np.asarray(a).tolist())}
             self.ctx.emit(
                 GroupResampled(
-                    group_id=gid, step=self.step, mode=f"roc-{self.cfg.rollout.roc}" if self.cfg.rollout.roc != "none" else "none",
+                    group_id=gid, step=self.step, mode=f"roc-{roc.mode}" if roc.mode != "none" else "none",
                     kept=res.kept, dropped=res.dropped, penalties=res.penalties, rewards=rewards,
                     advantages=kept_adv, reason=res.reason,
                 )

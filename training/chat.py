@@ -42,15 +42,16 @@ SYSTEM_PROMPT = (
 )
 
 # Roles: system, user, assistant (content may contain tool calls), tool (a tool response).
+# No whitespace control: the string has no stray whitespace, and every "\n" is part of the format.
 CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'tool' -%}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}"
     "<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
-    "{%- else -%}"
+    "{% else %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 

@@ -1,0 +1,128 @@
+"""vLLM backend: an in-process ``LLMEngine`` (V1 engine core in this process) stepped by the engine thread.
+
+Why not ``AsyncLLM``: in vLLM 0.32 AsyncLLM always runs the engine core in a separate
+process (``EngineCoreClient.make_client`` raises NotImplementedError for asyncio without
+multiprocessing), so ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` does not apply to it: start
+pays a process spawn plus a second import of torch and vLLM (~28 s here, against ~3.5 s
+in-process), and every step crosses a ZMQ socket. ``LLMEngine`` with multiprocessing off
+keeps the scheduler, model runner and KV cache in this process; the engine thread calls
+``step()`` in a loop, which is all AsyncLLM's busy loop does, and the same code runs on
+GPU builds of vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+
+from actors.engines.base import Backend, Delta, EngineConfig, SamplingSpec
+
+
+def vllm_available() -> bool:
+    """True when vLLM can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend(Backend):
+    """Wraps ``vllm.v1.engine.llm_engine.LLMEngine``; used only from the engine thread."""
+
+    def __init__(self, cfg: EngineConfig, model_dir: str) -> None:
+        # Read by vllm.envs at engine creation: in-process engine core, and a bounded CPU KV
+        # cache (the default asks for most of the machine's RAM).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self._SamplingParams, self._TokensPrompt, self._DELTA = SamplingParams, TokensPrompt, RequestOutputKind.DELTA
+        args = EngineArgs(
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_running,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            logprobs_mode="processed_logprobs" if cfg.logprobs_mode == "processed" else "raw_logprobs",
+            disable_log_stats=True,  # capacity is read from the scheduler directly, no stats pipeline
+        )
+        self._engine = LLMEngine.from_engine_args(args)
+        self._scheduler = self._engine.engine_core.engine_core.scheduler
+        cc = self._engine.vllm_config.cache_config
+        self._block_size = cc.block_size
+        self._total_blocks = cc.num_gpu_blocks
+        self._max_running = cfg.max_running
+        self._live: set[str] = set()
+        if cfg.warmup:  # the first step of a fresh engine costs seconds (kernel setup); pay it now
+            self.add("__warmup__", [0, 1, 2, 3], SamplingSpec(max_tokens=2))
+            while self.has_work():
+                self.step()
+
+    def add(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
+        params = self._SamplingParams(
+            n=1,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k if spec.top_k > 0 else 0,
+            seed=spec.seed,
+            stop=list(spec.stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's logprob only
+            output_kind=self._DELTA,
+            detokenize=bool(spec.stop),  # stop strings need text; otherwise skip the work
+        )
+        self._engine.add_request(request_id, self._TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
+        self._live.add(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._live:
+            self._live.discard(request_id)
+            self._engine.abort_request([request_id])
+
+    def has_work(self) -> bool:
+        return self._engine.has_unfinished_requests()
+
+    def step(self) -> list[Delta]:
+        deltas = []
+        for out in self._engine.step():
+            c = out.outputs[0]
+            lps = [next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [])]
+            finish = None
+            if out.finished:
+                self._live.discard(out.request_id)
+                if c.finish_reason == "stop":
+                    finish = "eos" if c.stop_reason is None else "stop"
+                elif c.finish_reason == "length":
+                    finish = "length"
+                else:
+                    finish = "abort"
+            deltas.append(Delta(out.request_id, list(c.token_ids), lps, finish))
+        return deltas
+
+    def reload_weights(self, path: str) -> None:
+        self._engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        # Drop cached prefixes (computed with old weights) and recompute the KV of running
+        # sequences, so every token after the swap is sampled from the new weights only.
+        if not self._engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM refused to reset its prefix cache after the weight reload")
+
+    def capacity(self) -> dict[str, int]:
+        s = self._scheduler
+        free_blocks = s.kv_cache_manager.block_pool.get_num_free_blocks()
+        running, waiting = len(s.running), len(s.waiting)
+        return dict(
+            total_tokens=self._total_blocks * self._block_size,
+            free_tokens=free_blocks * self._block_size,
+            total_slots=self._max_running,
+            free_slots=max(0, self._max_running - running - waiting),
+            running=running,
+            waiting=waiting,
+        )
+
+    def close(self) -> None:
+        self._engine.engine_core.shutdown()

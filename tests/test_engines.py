@@ -1,0 +1,82 @@
+"""Engine contract on real engines (transformers and vLLM): logprobs, stop strings, abort, capacity, cancellation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from actors.engines import EngineConfig, SamplingSpec, create_engine
+from tests._tiny import build_tiny
+
+KINDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _plain_logprobs(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_contract(kind, model_dir):
+    async def main():
+        async with create_engine(EngineConfig(kind=kind, max_model_len=512, max_running=8), model_dir) as engine:
+            cap = engine.capacity()
+            assert cap["total_tokens"] > 0 and cap["free_slots"] == 8 and cap["running"] == 0
+            prompts = [[1, 10 + i, 20, 30] for i in range(6)]
+            outs = {}
+
+            async def one(i):
+                outs[i] = await engine.generate(f"g{i}", prompts[i], SamplingSpec(max_tokens=40, seed=i))
+
+            async with trio.open_nursery() as nursery:  # concurrent requests, batched together
+                for i in range(6):
+                    nursery.start_soon(one, i)
+            # abort: the waiting generate returns what it had, finish "abort"
+            async with trio.open_nursery() as nursery:
+                got = {}
+
+                async def long():
+                    got["out"] = await engine.generate("long", prompts[0], SamplingSpec(max_tokens=400, seed=0))
+
+                nursery.start_soon(long)
+                await trio.sleep(0.05)
+                await engine.abort("long")
+            # cancelling a generate call frees its request; the engine keeps serving
+            with trio.move_on_after(0.05):
+                await engine.generate("cancelled", prompts[1], SamplingSpec(max_tokens=400))
+            after = await engine.generate("after", prompts[1], SamplingSpec(max_tokens=5, seed=1))
+            return outs, got["out"], after
+
+    outs, aborted, after = trio.run(main)
+    for i, out in outs.items():
+        assert 1 <= len(out.token_ids) <= 40 and len(out.logprobs) == len(out.token_ids) == len(out.versions)
+        assert out.finish_reason in ("eos", "length")
+        ids = [1, 10 + i, 20, 30, *out.token_ids]
+        np.testing.assert_allclose(out.logprobs, _plain_logprobs(model_dir, ids)[3:], atol=1e-4)
+    assert aborted.finish_reason == "abort" and len(aborted.token_ids) < 400
+    assert len(after.token_ids) >= 1
+
+
+def test_sampling_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingSpec(max_tokens=4, temperature=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingSpec(max_tokens=0)
+
+
+def test_missing_model_dir_names_the_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        create_engine(EngineConfig(kind="hf"), tmp_path)

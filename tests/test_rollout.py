@@ -1,0 +1,113 @@
+"""Multi-turn rollouts on real engines (transformers and vLLM) with a model that memorized a tool-use rollout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from actors.engines import EngineConfig, create_engine
+from actors.rollout import RolloutSpec, run_trajectory
+from tests._tiny import GOOD_CODE, PROBLEM, build_tool_use_model, scripted_turns
+from training.chat import prompt_messages, split_turns
+
+KINDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="vLLM not installed"))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tool_use_model(tmp_path_factory.mktemp("tool_model"))
+
+
+def recompute_logprobs(model_dir, ids: list[int]) -> np.ndarray:
+    """log p(ids[t] | ids[:t]) for t >= 1 by one plain transformers forward (the learner's view)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return lp.numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_three_turn_rollout(kind, model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    turns, replies = scripted_turns()
+    prompt_ids = tok.apply_chat_template(prompt_messages(PROBLEM), add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(prompt_ids, add_special_tokens=False)
+    calls: list[tuple[str, int]] = []
+
+    async def call_tool(code: str, turn: int) -> tuple[str, str]:
+        calls.append((code, turn))
+        await trio.sleep(0.01)
+        return "ok", replies[0]
+
+    async def main():
+        cfg = EngineConfig(kind=kind, max_model_len=1024, max_running=8)
+        async with create_engine(cfg, model_dir) as engine:
+            spec = RolloutSpec("r0", prompt_ids, max_tokens=600, max_turns=5, temperature=0.01, seed=1)
+            async with trio.open_nursery() as nursery:  # several rollouts share the engine
+                results = {}
+
+                async def one(i):
+                    results[i] = await run_trajectory(engine, tok, RolloutSpec(f"r{i}", prompt_ids, 600, 5, 0.01, seed=i), call_tool)
+
+                for i in range(3):
+                    nursery.start_soon(one, i)
+            traj = results[0]
+            # reload: the version changes on tokens produced after it only
+            await engine.reload_weights(str(model_dir), 7)
+            spec = RolloutSpec("after", prompt_ids, max_tokens=600, max_turns=5, temperature=0.01, seed=1)
+            later = await run_trajectory(engine, tok, spec, call_tool)
+            return traj, later
+
+    traj, later = trio.run(main)
+    # the model wrote the scripted rollout: a good call, a malformed one, an answer
+    assert traj.turns == 3 and traj.finish_reason == "stop", traj.response_text
+    assert traj.tool_calls == [{"call_id": "r0/call1", "status": "ok"}, {"call_id": "r0/call2", "status": "parse_error"}]
+    assert (GOOD_CODE, 1) in calls and all(turn == 1 for _, turn in calls)  # the malformed call never reached the tool
+    msgs = split_turns(traj.response_text)
+    assert [m["role"] for m in msgs] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert msgs[3]["content"] == replies[1] and "not valid JSON" in msgs[3]["content"]
+    # masks, logprobs and versions line up; tool tokens are masked with logprob 0 / version -1
+    n = len(traj.response_ids)
+    assert traj.logprobs.shape == traj.loss_mask.shape == traj.versions.shape == (n,)
+    tool = traj.loss_mask == 0
+    assert tool.any() and (traj.loss_mask[~tool] == 1).all()
+    assert (traj.logprobs[tool] == 0).all() and (traj.versions[tool] == -1).all() and (traj.versions[~tool] == 0).all()
+    got = [*traj.prompt_ids.tolist(), *traj.response_ids.tolist()]
+    # recorded logprobs == a plain forward over the same tokens (fp32, 1e-4)
+    ref = recompute_logprobs(model_dir, got)[len(traj.prompt_ids) - 1 :]
+    np.testing.assert_allclose(traj.logprobs[~tool], ref[~tool], atol=1e-4)
+    # tokens after the reload carry the new version
+    assert set(later.versions[later.loss_mask == 1].tolist()) == {7}
+    # token ids == chat template applied to the messages (the template ends the last turn with "\n")
+    rendered = tok.apply_chat_template(prompt_messages(PROBLEM) + msgs, tokenize=False)
+    rendered = rendered.removesuffix("\n")
+    expected = tok.encode(rendered, add_special_tokens=False)
+    got = [*traj.prompt_ids.tolist(), *traj.response_ids.tolist()]
+    assert got == expected
+
+
+
+@pytest.mark.parametrize("kind", ["hf"])
+def test_budget_is_shared_by_model_and_tool_tokens(kind, model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tok.encode(tok.apply_chat_template(prompt_messages(PROBLEM), add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+
+    async def call_tool(code, turn):
+        return "ok", "x" * 500  # a huge tool output eats the budget
+
+    async def main():
+        async with create_engine(EngineConfig(kind=kind, max_model_len=1024), model_dir) as engine:
+            return await run_trajectory(engine, tok, RolloutSpec("b", prompt_ids, 60, 5, 0.05, seed=0), call_tool)
+
+    traj = trio.run(main)
+    assert traj.finish_reason == "length" and len(traj.response_ids) == 60
+    assert traj.loss_mask[-1] == 0  # the budget ran out inside the tool response
