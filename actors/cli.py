@@ -75,10 +75,12 @@ def _mount() -> None:
     from tools_sandbox.cli import app as sandbox_app
     from training.rewards import verify_command
     from actors.simulator import simulate_app
+    from store.report import report_command
 
     app.add_typer(replay_app, name="replay", help="Rebuild, re-score, re-execute or re-train from a run's log.")
     app.add_typer(sandbox_app, name="sandbox", help="The isolated Python sandbox: exec, serve, bench.")
     app.command("verify")(verify_command)
+    app.command("report")(report_command)
     if isinstance(sql_app, typer.Typer):
         app.add_typer(sql_app, name="sql")
     else:
