@@ -81,14 +81,8 @@ def _mount() -> None:
     app.add_typer(sandbox_app, name="sandbox", help="The isolated Python sandbox: exec, serve, bench.")
     app.command("verify")(verify_command)
     app.command("report")(report_command)
-    if isinstance(sql_app, typer.Typer):
-        app.add_typer(sql_app, name="sql")
-    else:
-        app.command("sql")(sql_app)
-    if isinstance(simulate_app, typer.Typer):
-        app.add_typer(simulate_app, name="simulate")
-    else:
-        app.command("simulate")(simulate_app)
+    app.command("sql")(sql_app)
+    app.command("simulate")(simulate_app)
 
 
 def main() -> None:
