@@ -124,7 +124,7 @@ class Scheduler:
             r = self.in_flight.get(ev.rollout_id)
             if r is None:
                 return  # a duplicate or a rollout of a finished step
-            self.policy.on_finished(ev.rollout_id)
+            self.policy.on_finished(ev.rollout_id, None if ev.finish_reason == "aborted" else len(ev.response_ids))
             if ev.finish_reason == "aborted":  # e.g. the generator was stopped: place it again
                 del self.in_flight[ev.rollout_id]
                 self.pending.append(r)

@@ -10,8 +10,10 @@ Cost model (per GPU = one engine; defaults in :class:`SimConfig`):
 * A decode step of ``B`` sequences whose contexts hold ``U`` tokens takes
   ``max((weights + U * kv_bytes_per_token) / bandwidth, B * 2 * params / flops)``: the
   bandwidth roofline (every step reads the weights and the batch's KV), or compute if larger.
-* Prefill (new prompts, tool outputs are ignored, recomputation after eviction) costs
-  ``tokens * 2 * params / flops`` of the engine's time.
+* Prefill of new prompts and of contexts recomputed after eviction costs
+  ``tokens * 2 * params / flops`` of the engine's time. Tool outputs (20-200 tokens) join the
+  context without a charge: a chunked-prefill engine folds them into the next decode step,
+  which is bandwidth-bound with compute to spare.
 * A sequence waiting on a tool leaves the batch but keeps its KV.
 * Engine admission (identical for both policies): FIFO from the engine's queue while a slot
   is free and ``used + context <= admit_fraction * K``. When decoding would overflow ``K``, the
@@ -71,6 +73,7 @@ class SimConfig(BaseModel):
     dt: float = Field(0.05, gt=0)  # simulation tick (s)
     seed: int = 0
     trace_every: float = 1.0  # seconds between samples of per-GPU KV occupancy
+    progress_every: float = Field(2.0, gt=0)  # seconds between progress reports of every running rollout
 
     @property
     def kv_capacity(self) -> int:
@@ -130,39 +133,63 @@ def make_workload(cfg: SimConfig) -> Workload:
 # ----------------------------------------------------------------------------- bounds
 
 
-def decode_work(cfg: SimConfig, w: Workload, idx: np.ndarray) -> tuple[float, float]:
-    """(Σ KV-read seconds over every decoded token, longest rollout's time alone) for rollouts idx.
+def per_rollout_costs(cfg: SimConfig, w: Workload, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(decode steps, KV-read seconds, engine seconds, time alone) of each rollout in idx; three (len(idx),) arrays.
 
-    A token decoded with context ``l`` must read ``l * kv_bytes`` (its share of the step);
-    a rollout alone pays the whole weights read per token too, plus its prefill and tool waits.
+    A token decoded with context ``l`` must read ``l * kv_bytes`` (its share of the step), and
+    its prompt must be prefilled: the *engine seconds* a rollout costs wherever
+    it runs, however it is batched. Alone, it also pays the whole weights read on each of its
+    decode steps, and waits for its tools.
     """
     c = cfg.kv_bytes_per_token / cfg.bandwidth
     t_w = cfg.weight_bytes / cfg.bandwidth
     pf = 2 * cfg.params / cfg.flops
-    total_ctx, longest = 0.0, 0.0
-    for i in idx:
-        m = int(w.model_tokens[i])
-        p = int(w.prompt[i])
-        ctx = m * p + m * (m + 1) / 2 + float(np.sum(w.tool_out[i] * (m - w.tool_pos[i])))
-        total_ctx += ctx
-        alone = m * t_w + c * ctx + (p + w.tool_out[i].sum()) * pf + w.tool_lat[i].sum()
-        longest = max(longest, alone)
-    return c * total_ctx, longest
+    m = w.model_tokens[idx].astype(float)
+    p = w.prompt[idx].astype(float)
+    tool_ctx = np.array([float(np.sum(w.tool_out[i] * (w.model_tokens[i] - w.tool_pos[i]))) for i in idx])
+    tool_wait = np.array([float(w.tool_lat[i].sum()) for i in idx])
+    kv_s = c * (m * p + m * (m + 1) / 2 + tool_ctx)
+    engine_s = kv_s + p * pf  # tool outputs join the context without a prefill charge (see the module doc)
+    return m, kv_s, engine_s, m * t_w + engine_s + tool_wait
 
 
 def lower_bound(cfg: SimConfig, w: Workload, idx: np.ndarray) -> tuple[float, float, float]:
-    """(LB, work bound, critical path) for rollouts idx on cfg.gpus engines.
+    """(LB, work bound, critical path) for rollouts idx on cfg.gpus engines: the issue's bound.
 
     A step reading weights plus ``U <= K`` KV tokens spends at most the fraction
     ``c*K / (t_w + c*K)`` of its time on KV reads, so Σ KV-read seconds / (gpus * that fraction)
     is a lower bound on the makespan; so is the longest rollout decoding alone.
     """
-    kv_s, longest = decode_work(cfg, w, idx)
+    _, kv_s, _, alone = per_rollout_costs(cfg, w, idx)
     c = cfg.kv_bytes_per_token / cfg.bandwidth
     t_w = cfg.weight_bytes / cfg.bandwidth
     ck = c * cfg.kv_capacity
-    work = kv_s / (cfg.gpus * ck / (t_w + ck))
+    work = float(kv_s.sum()) / (cfg.gpus * ck / (t_w + ck))
+    longest = float(alone.max())
     return max(work, longest), work, longest
+
+
+def no_migration_bound(cfg: SimConfig, w: Workload, idx: np.ndarray, grid: int = 200) -> float:
+    """A makespan bound for any policy that keeps each rollout on one engine, even one that knows
+    every length in advance (tighter than :func:`lower_bound` when the KV cache does not bind).
+
+    An engine runs at least as many decode steps as its longest rollout has tokens, each reading
+    the weights (``t_w``), on top of the engine seconds of its rollouts. Take the rollouts of at
+    least L tokens (set A) and the k engines that hold them: one of those engines is busy at
+    least ``L * t_w + E(A) / k``, and all engines together at least ``k * L * t_w + E(all)``,
+    so ``T >= min_k max(L t_w + E(A)/k, (k L t_w + E(all)) / gpus)`` for every L.
+    """
+    m, _, engine_s, _ = per_rollout_costs(cfg, w, idx)
+    t_w = cfg.weight_bytes / cfg.bandwidth
+    order = np.argsort(-m)
+    cum = np.cumsum(engine_s[order])
+    total = float(cum[-1])
+    best = 0.0
+    for L in np.unique(np.quantile(m, np.linspace(0.0, 1.0, grid))):
+        n_a = int(np.searchsorted(-m[order], -L, side="right"))  # rollouts with m >= L
+        k = np.arange(1, min(cfg.gpus, n_a) + 1)
+        best = max(best, float(np.min(np.maximum(L * t_w + cum[n_a - 1] / k, (k * L * t_w + total) / cfg.gpus))))
+    return best
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -178,6 +205,9 @@ class SimResult:
     makespan: float  # s, first dispatch to last completion
     step_end: list  # s, completion time of each step
     kv_occupancy: float  # time-averaged mean over GPUs of used KV / capacity, until the last completion
+    kv_fill: float  # the same, until the run's last rollout has started (while there is work to fill with)
+    kv_pending: float  # the same, over the ticks when released rollouts wait to start (what dispatch controls)
+    stale_wait: float  # fraction of the time until the last start with no rollout released and waiting
     evictions: int  # sequences evicted (each recomputes its context later)
     eviction_events: int  # times an engine overflowed
     recomputed_tokens: int  # context tokens prefilled again after eviction
@@ -222,8 +252,11 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
     evictions = events = recomputed = 0
     admit_counter = 0
     occ_integral = 0.0
+    fill_integral, fill_end = 0.0, math.nan  # occupancy while rollouts still wait to start
+    pend_integral, pend_time, stale_time = 0.0, 0.0, 0.0
     trace_t, trace_kv = [], []
     next_trace = 0.0
+    next_progress = 0.0
     t = 0.0
     resident = np.zeros(N, bool)
 
@@ -319,6 +352,8 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
                 for i, tm in zip(hit.tolist(), when.tolist()):
                     k = next_tool[i]
                     if k < len(w.tool_pos[i]) and boundary[i] == w.tool_pos[i][k]:
+                        # The scheduler learns of a tool call (ToolCallRequested): report progress.
+                        policy.on_progress(ids[i], int(boundary[i] + tool_tok[i]))
                         state[i] = S_TOOL
                         ret[i] = tm + w.tool_lat[i][k]
                         next_tool[i] = k + 1
@@ -351,7 +386,21 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
                 evicted[i] = True
                 queues[e].appendleft(i)
             used[e] = kv[res_idx][engine[res_idx] == e].sum()
-        occ_integral += float(np.minimum(used, K).sum()) / (G * K) * cfg.dt
+        if t >= next_progress:  # generators report each sequence's length with their capacity
+            next_progress += cfg.progress_every
+            for i in np.flatnonzero(resident).tolist():
+                policy.on_progress(ids[i], int(gen[i] + tool_tok[i]))
+        occ = float(np.minimum(used, K).sum()) / (G * K) * cfg.dt
+        occ_integral += occ
+        if pending:
+            pend_integral += occ
+            pend_time += cfg.dt
+        if math.isnan(fill_end):
+            fill_integral += occ
+            if not pending and released < cfg.steps:
+                stale_time += cfg.dt  # the staleness bound holds the next step back
+            if released == cfg.steps and not pending and not any(queues):
+                fill_end = t + cfg.dt
         if t >= next_trace:
             trace_t.append(t)
             trace_kv.append(used / K)
@@ -363,6 +412,9 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
         makespan=makespan,
         step_end=step_end,
         kv_occupancy=occ_integral / max(t, 1e-9),
+        kv_fill=fill_integral / max(fill_end if not math.isnan(fill_end) else t, 1e-9),
+        kv_pending=pend_integral / max(pend_time, 1e-9),
+        stale_wait=stale_time / max(fill_end if not math.isnan(fill_end) else t, 1e-9),
         evictions=evictions,
         eviction_events=events,
         recomputed_tokens=recomputed,
@@ -383,6 +435,7 @@ class Comparison:
     lb: float  # makespan lower bound (s)
     lb_work: float
     lb_critical: float
+    lb_no_migration: float  # bound for any policy that keeps a rollout on one engine, even knowing lengths
     dynamic: SimResult
     static: SimResult
 
@@ -395,23 +448,23 @@ def compare(cfg: SimConfig, dispatch: DispatchConfig | None = None) -> Compariso
     """Simulate both policies on the same workload and compute the lower bound.
 
     With staleness 0 steps run back to back, so the bound is the sum of per-step bounds; with
-    staleness 1 it is the bound of all rollouts taken together.
+    staleness 1 it is the bound of all rollouts taken together (release times only add to it).
     """
     w = make_workload(cfg)
-    if cfg.staleness == 0:
-        parts = [lower_bound(cfg, w, np.flatnonzero(w.step == s)) for s in range(cfg.steps)]
-        lb, work, crit = (sum(p[k] for p in parts) for k in range(3))
-    else:
-        lb, work, crit = lower_bound(cfg, w, np.arange(w.n))
+    groups = [np.flatnonzero(w.step == s) for s in range(cfg.steps)] if cfg.staleness == 0 else [np.arange(w.n)]
+    parts = [lower_bound(cfg, w, idx) for idx in groups]
+    lb, work, crit = (sum(p[k] for p in parts) for k in range(3))
+    nm = sum(max(no_migration_bound(cfg, w, idx), p[0]) for idx, p in zip(groups, parts))
     dyn = simulate(cfg, "dynamic", w, dispatch)
     sta = simulate(cfg, "static", w, None)
-    return Comparison(cfg, lb, work, crit, dyn, sta)
+    return Comparison(cfg, lb, work, crit, nm, dyn, sta)
 
 
 def format_rows(rows: list[Comparison]) -> str:
     """A plain-text table: one line per (scenario, policy)."""
     head = (f"{'gpus':>5} {'steps':>5} {'stale':>5} {'max_tok':>7} {'policy':>8} {'makespan_s':>10} {'LB_s':>8} "
-            f"{'mk/LB':>6} {'kv_occ':>6} {'kv_peak':>7} {'evicted':>8} {'overflows':>9} {'speedup':>7}")
+            f"{'mk/LB':>6} {'LBnm_s':>7} {'mk/LBnm':>7} {'kv_occ':>6} {'kv_fill':>7} {'kv_peak':>7} {'evicted':>8} "
+            f"{'overflows':>9} {'speedup':>7}")
     lines = [head]
     for c in rows:
         for r in (c.dynamic, c.static):
@@ -419,7 +472,8 @@ def format_rows(rows: list[Comparison]) -> str:
             peak = float(r.trace_kv.max()) if r.trace_kv.size else 0.0
             lines.append(
                 f"{c.cfg.gpus:>5} {c.cfg.steps:>5} {c.cfg.staleness:>5} {c.cfg.max_tokens:>7} {r.policy:>8} "
-                f"{r.makespan:>10.1f} {c.lb:>8.1f} {r.makespan / c.lb:>6.2f} {r.kv_occupancy:>6.1%} {peak:>7.1%} "
+                f"{r.makespan:>10.1f} {c.lb:>8.1f} {r.makespan / c.lb:>6.2f} {c.lb_no_migration:>7.1f} "
+                f"{r.makespan / c.lb_no_migration:>7.2f} {r.kv_occupancy:>6.1%} {r.kv_fill:>7.1%} {peak:>7.1%} "
                 f"{r.evictions:>8} {r.eviction_events:>9} {sp}"
             )
     return "\n".join(lines)
@@ -432,7 +486,7 @@ def plot_kv(c: Comparison, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]})
+    fig, axes = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]})
     t_end = max(c.dynamic.makespan, c.static.makespan)
     for ax, r in zip(axes[:2], (c.dynamic, c.static)):
         im = ax.imshow(r.trace_kv.T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
@@ -452,7 +506,7 @@ def plot_kv(c: Comparison, path: str) -> None:
     fig.suptitle(f"{c.cfg.gpus} GPUs, {c.cfg.prompts}x{c.cfg.rollouts} rollouts/step, {c.cfg.steps} step(s), "
                  f"staleness {c.cfg.staleness}, max {c.cfg.max_tokens} tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=72)  # small enough to commit (< 200 KB)
     plt.close(fig)
 
 
@@ -483,5 +537,5 @@ def simulate_app(
         typer.echo(f"KV occupancy plot: {plot}")
 
 
-__all__ = ["SimConfig", "Workload", "make_workload", "lower_bound", "simulate", "SimResult", "Comparison",
+__all__ = ["SimConfig", "Workload", "make_workload", "per_rollout_costs", "lower_bound", "no_migration_bound", "simulate", "SimResult", "Comparison",
            "compare", "format_rows", "plot_kv", "simulate_app"]
