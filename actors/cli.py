@@ -57,30 +57,19 @@ def actor(
     raise typer.Exit(code)
 
 
-@app.command("make-tiny-model")
-def make_tiny_model(
-    out_dir: str = typer.Argument(..., help="directory to write the model and tokenizer to"),
-    seed: int = typer.Option(0, help="initialization and tokenizer-corpus seed"),
-) -> None:
-    """Build the tiny Qwen2-architecture demo model and its byte-level BPE tokenizer."""
-    from training.demo_tasks import demo_corpus
-    from training.tiny import build_tiny_model
-
-    path = build_tiny_model(out_dir, corpus=demo_corpus(seed=seed), seed=seed)
-    typer.echo(path)
-
-
 def _mount() -> None:
     from store.cli import app as sql_app, replay_app
     from tools_sandbox.cli import app as sandbox_app
     from training.rewards import verify_command
     from actors.simulator import simulate_app
     from store.report import report_command
+    from training.tiny import make_tiny_model_command
 
     app.add_typer(replay_app, name="replay", help="Rebuild, re-score, re-execute or re-train from a run's log.")
     app.add_typer(sandbox_app, name="sandbox", help="The isolated Python sandbox: exec, serve, bench.")
     app.command("verify")(verify_command)
     app.command("report")(report_command)
+    app.command("make-tiny-model")(make_tiny_model_command)
     app.command("sql")(sql_app)
     app.command("simulate")(simulate_app)
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.dispatch import DispatchConfig
 from actors.engines import EngineConfig
 from tools_sandbox import SandboxConfig
+from training.data import DataConfig
+from training.demo_tasks import DemoConfig
 from training.learner import LearnerConfig
 from training.rewards import VerifierConfig
 from training.roc import RocConfig
@@ -45,22 +47,15 @@ class RunSection(Section):
 class ModelSection(Section):
     path: str = ""  # a local Hugging Face model directory; empty = build the tiny demo model
     tiny_layers: int = 4  # tiny model: transformer layers
-    tiny_hidden: int = 256  # tiny model: hidden size
+    tiny_hidden: int = 128  # tiny model: hidden size
     tiny_heads: int = 4  # tiny model: attention heads (head_dim = hidden / heads)
     tiny_kv_heads: int = 2  # tiny model: key/value heads
     tiny_vocab: int = 512  # tiny model: BPE vocabulary size (before added tokens)
 
 
-class DataSection(Section):
-    train: str = "builtin:demo-train"  # problems for RL: JSONL/Parquet path or builtin:<name>
-    eval: list[str] = Field(default_factory=lambda: ["builtin:demo-eval"])  # held-out sets
-    sft: str = "builtin:demo-sft"  # SFT demonstrations (message lists)
-    integer_only: bool = False  # keep only problems whose answer is an integer (paper's filter)
-    max_problems: int = 0  # cap on training problems (0 = all)
-
-
 class SFTSection(Section):
     enabled: bool = True  # run the non-reasoning SFT stage before RL
+    data: str = "builtin:demo"  # demonstrations: builtin:demo, or a JSONL with a "messages" list per line
     epochs: float = 3.0  # passes over the demonstrations (paper: 3)
     batch_size: int = 32  # sequences per optimizer step (paper: 128)
     lr: float = 5e-6  # peak learning rate (paper: 5e-6)
@@ -148,7 +143,8 @@ class LauncherSection(Section):
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
+    data: DataConfig = Field(default_factory=DataConfig)  # training and held-out problems
+    demo: DemoConfig = Field(default_factory=DemoConfig)  # the builtin synthetic demo data
     sft: SFTSection = Field(default_factory=SFTSection)
     stages: list[StageSection] = Field(default_factory=list)
     rollout: RolloutSection = Field(default_factory=RolloutSection)

@@ -25,7 +25,7 @@ from rich.console import Console
 from actors.config import Config
 from protocol.events import ActorError, Envelope, new_event_id
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -47,14 +47,14 @@ def prepare_run(cfg: Config) -> Config:
     updates = {"run_dir": str(run_dir), "run_id": cfg.run.run_id or f"{run_dir.name}-{os.urandom(3).hex()}"}
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update=updates)})
     if not cfg.model.path:
-        from training.demo_tasks import demo_corpus
+        from training.demo_tasks import tokenizer_corpus
         from training.tiny import build_tiny_model
 
         model_dir = run_dir / "model"
         if not (model_dir / "config.json").exists():
             m = cfg.model
             build_tiny_model(
-                str(model_dir), corpus=demo_corpus(seed=cfg.run.seed), vocab_size=m.tiny_vocab,
+                str(model_dir), corpus=tokenizer_corpus(seed=cfg.run.seed), vocab_size=m.tiny_vocab,
                 hidden_size=m.tiny_hidden, layers=m.tiny_layers, heads=m.tiny_heads, kv_heads=m.tiny_kv_heads,
                 seed=cfg.run.seed,
             )

@@ -17,6 +17,7 @@ its end), and for every RL step:
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,10 +46,14 @@ from protocol.events import (
 )
 from training.algos import group_advantages
 from training.chat import encode_messages, prompt_messages
-from training.data import Problem, load_problems
-from training.demo_tasks import load_sft_demonstrations
+from training.data import Problem, load_train_eval
+from training.demo_tasks import demo_splits, make_sft_demos
 from training.roc import RolloutStats, roc_downsample
 
+
+
+#: Rounds of fresh prompts an RL step may draw when every group had equal rewards.
+MAX_ROUNDS_PER_STEP = 4
 
 
 @dataclass
@@ -257,7 +262,7 @@ class Scheduler:
 
     async def run_sft(self) -> None:
         sft = self.cfg.sft
-        demos = load_sft_demonstrations(self.cfg.data.sft, seed=self.cfg.run.seed)
+        demos = load_demonstrations(self.cfg)
         encoded = [encode_messages(self.tokenizer, d) for d in demos]
         steps = max(1, int(round(sft.epochs * len(encoded) / sft.batch_size)))
         self.ctx.emit(
@@ -280,7 +285,8 @@ class Scheduler:
             seqs = []
             for i in take:
                 ids, m = encoded[i]
-                seqs.append((f"sft-{i}", [], ids, m, [0.0] * len(ids)))
+                # The first token has nothing to predict it: it is the "prompt".
+                seqs.append((f"sft-{i}", ids[:1], ids[1:], m[1:], [0.0] * (len(ids) - 1)))
             lr = _schedule(sft.lr, k, steps, warmup, sft.schedule)
             batch = self.pack(
                 seqs, [0.0] * len(seqs), step=self.step, stage="sft", kind="sft", lr=lr, optimizer_reset=False
@@ -307,12 +313,24 @@ class Scheduler:
                 order += more
             chosen, order = order[: stage.prompts_per_step], order[stage.prompts_per_step :]
             self.step += 1
-            reqs = self.requests_for(
-                chosen, stage.rollouts_per_prompt, stage=stage.name, max_tokens=stage.max_tokens,
-                max_turns=stage.max_turns, temperature=self.cfg.rollout.temperature,
-            )
-            step = await self.run_rollouts(reqs)
-            seqs, advs = self.resample(step, stage)
+            seqs, advs = [], []
+            # Groups whose rewards are all equal carry no signal and are dropped; when a whole
+            # round is dropped, draw fresh prompts for the same step (bounded).
+            for _ in range(MAX_ROUNDS_PER_STEP):
+                reqs = self.requests_for(
+                    chosen, stage.rollouts_per_prompt, stage=stage.name, max_tokens=stage.max_tokens,
+                    max_turns=stage.max_turns, temperature=self.cfg.rollout.temperature,
+                )
+                step = await self.run_rollouts(reqs)
+                more_seqs, more_advs = self.resample(step, stage)
+                seqs += more_seqs
+                advs += more_advs
+                if seqs:
+                    break
+                chosen = self.rng.sample(problems, min(len(problems), stage.prompts_per_step))
+            if not seqs:
+                self.ctx.log.warning("no group with a reward signal; step skipped", step=self.step)
+                continue
             batch = self.pack(
                 seqs, advs, step=self.step, stage=stage.name, kind="rl", lr=stage.lr,
                 optimizer_reset=stage.optimizer_reset and k == 0,
@@ -403,13 +421,9 @@ class Scheduler:
     async def run_recipe(self) -> None:
         cfg = self.cfg
         t0 = time.monotonic()
-        train = load_problems(cfg.data.train, integer_only=cfg.data.integer_only, seed=cfg.run.seed)
-        if cfg.data.max_problems:
-            train = train[: cfg.data.max_problems]
-        self.eval_sets = {}
-        for spec in cfg.data.eval:
-            ps = load_problems(spec, integer_only=cfg.data.integer_only, seed=cfg.run.seed)
-            self.eval_sets[spec.split(":")[-1]] = ps[: cfg.eval.max_problems] if cfg.eval.max_problems else ps
+        train, held = load_train_eval(cfg.data, demo=cfg.demo)
+        name = (cfg.data.eval or "held-out").split(":")[-1].rsplit("/", 1)[-1]
+        self.eval_sets = {name: held[: cfg.eval.max_problems] if cfg.eval.max_problems else held} if held else {}
         # Generators announce themselves with their first capacity report.
         await self.wait_until(lambda: len(self.engines) >= cfg.generator.count)
         self.ctx.emit(RunStarted(config=cfg.model_dump(mode="json"), run_dir=cfg.run.run_dir,
@@ -423,6 +437,27 @@ class Scheduler:
             if cfg.eval.at_stage_end and self.eval_sets:
                 await self.evaluate()
         self.ctx.emit(RunCompleted(steps=self.step, seconds=time.monotonic() - t0, status="ok"))
+
+
+def load_demonstrations(cfg) -> list[list[dict]]:
+    """SFT demonstrations: the builtin demo set, or a JSONL file with a "messages" list per line."""
+    spec = cfg.sft.data
+    if spec == "builtin:demo":
+        train, _ = demo_splits(cfg.demo.n_train, cfg.demo.n_eval, seed=cfg.demo.seed, families=cfg.demo.families)
+        return make_sft_demos(train, cfg.demo)
+    demos = []
+    with open(spec) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+                if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
+                    raise ValueError("every message needs role and content")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{spec}:{i}: not a demonstration ({e}); expected {{\"messages\": [...]}}") from None
+            demos.append(msgs)
+    return demos
 
 
 def _fields(ev) -> dict:

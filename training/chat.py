@@ -35,11 +35,7 @@ ADDED_TOKENS = [TOOL_CALL_START, TOOL_CALL_END, TOOL_RESPONSE_START, TOOL_RESPON
 
 TOOL_NAME = "python"
 
-SYSTEM_PROMPT = (
-    "Solve the problem. To run Python, write <tool_call>{\"name\": \"python\", \"arguments\": "
-    "{\"code\": ...}}</tool_call>; its output comes back in <tool_response>. "
-    "Give the final answer as <answer>\\boxed{...}</answer>."
-)
+SYSTEM_PROMPT = "Solve it. Python runs in <tool_call>. Answer as <answer>\\boxed{N}</answer>."
 
 # Roles: system, user, assistant (content may contain tool calls), tool (a tool response).
 # No whitespace control: the string has no stray whitespace, and every "\n" is part of the format.

@@ -258,7 +258,7 @@ def _load_builtin(name: str, cfg: DataConfig, demo: Any) -> Dataset:
     if name not in BUILTINS:
         raise DataError(f"unknown builtin dataset {name!r}; choose from {[f'builtin:{b}' for b in BUILTINS]}")
     demo = demo or DemoConfig()
-    train, held = demo_splits(demo.n_train, demo.n_eval, seed=demo.seed)
+    train, held = demo_splits(demo.n_train, demo.n_eval, seed=demo.seed, families=demo.families)
     chosen = train if name == "demo-train" else held
     return Dataset([Problem(p.id, p.problem, str(p.answer)) for p in chosen])
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.chat import ANSWER_END, ANSWER_START, SYSTEM_PROMPT, tool_call_text
 
-FAMILIES = ("product", "modpow", "comb", "rangesum")
+FAMILIES = ("product", "modpow", "comb", "rangesum", "mulmod", "powmod2")
 
 #: What a demonstration writes before its tool call (kept to a few tokens: the tiny model
 #: pays for every token on 2 CPU cores).
@@ -67,7 +67,19 @@ def _rangesum(rng: random.Random) -> tuple[str, str, int]:
     return f"What is the sum of the integers from {a} to {b}?", f"print(sum(range({a}, {b} + 1)))", (a + b) * (b - a + 1) // 2
 
 
-_MAKERS = {"product": _product, "modpow": _modpow, "comb": _comb, "rangesum": _rangesum}
+def _mulmod(rng: random.Random) -> tuple[str, str, int]:
+    # Two-digit answers: the model must compute with the tool but copies only 2 digits back.
+    a, b, m = rng.randint(100, 999), rng.randint(100, 999), rng.choice([83, 89, 97])
+    return f"What is {a} * {b} mod {m}?", f"print({a} * {b} % {m})", a * b % m
+
+
+def _powmod2(rng: random.Random) -> tuple[str, str, int]:
+    a, e, m = rng.randint(3, 99), rng.randint(20, 999), rng.choice([83, 89, 97])
+    return f"What is {a}^{e} mod {m}?", f"print(pow({a}, {e}, {m}))", pow(a, e, m)
+
+
+_MAKERS = {"product": _product, "modpow": _modpow, "comb": _comb, "rangesum": _rangesum, "mulmod": _mulmod,
+           "powmod2": _powmod2}
 
 
 def make_problems(n: int, *, seed: int = 0, families: tuple[str, ...] = FAMILIES) -> list[DemoProblem]:
@@ -95,28 +107,30 @@ def make_problems(n: int, *, seed: int = 0, families: tuple[str, ...] = FAMILIES
     return out
 
 
-def demo_splits(n_train: int, n_eval: int, *, seed: int = 0) -> tuple[list[DemoProblem], list[DemoProblem]]:
+def demo_splits(
+    n_train: int, n_eval: int, *, seed: int = 0, families: tuple[str, ...] = FAMILIES[:4]
+) -> tuple[list[DemoProblem], list[DemoProblem]]:
     """Disjoint (train, held-out eval) problem lists, deterministic in ``seed``."""
-    problems = make_problems(n_train + n_eval, seed=seed)
+    problems = make_problems(n_train + n_eval, seed=seed, families=families)
     return problems[:n_train], problems[n_train:]
 
 
 # --- what the sandbox shows the model --------------------------------------------------
 
 
-def render_tool_output(stdout: str, stderr: str = "") -> str:
-    """The text a tool response carries, as the tool executor renders a sandbox result.
+def render_tool_output(stdout: str, stderr: str = "", duration_s: float = 0.01) -> str:
+    """The text a tool response carries, rendered exactly as the live tool executor does.
 
-    Kept short on purpose: ``<stdout>`` and/or ``<stderr>`` blocks, each only if non-empty;
-    ``(no output)`` if both are empty. Demonstrations must use the same rendering as the
-    live tool executor or SFT teaches the model to read a format it will never see.
+    Demonstrations must use the same rendering as the tool executor
+    (tools_sandbox.format_for_model, the rStar2-Agent release's format), or SFT teaches the
+    model to read a format it will never see.
     """
-    parts = []
-    if stdout:
-        parts.append(f"<stdout>\n{stdout.rstrip()}\n</stdout>")
-    if stderr:
-        parts.append(f"<stderr>\n{stderr.rstrip()}\n</stderr>")
-    return "\n".join(parts) if parts else "(no output)"
+    from tools_sandbox import ExecResult, format_for_model
+
+    failed = bool(stderr)
+    result = ExecResult(status="error" if failed else "ok", stdout=stdout, stderr=stderr,
+                        exit_code=1 if failed else 0, signal=None, duration_s=duration_s)
+    return format_for_model(result)
 
 
 def _traceback(line: int, kind: str, message: str, source_line: str | None = None) -> str:
@@ -161,6 +175,7 @@ class DemoConfig(BaseModel):
     tool_fraction: float = Field(0.35, ge=0.0, le=1.0)  # share of demonstrations that call the tool
     buggy_fraction: float = Field(0.3, ge=0.0, le=1.0)  # share of those tool calls whose code fails
     lucky_guess_fraction: float = Field(0.1, ge=0.0, le=1.0)  # share of direct answers that happen to be right
+    families: tuple[str, ...] = FAMILIES[:4]  # problem families (see FAMILIES); mulmod/powmod2 have 2-digit answers
 
 
 def wrong_guess(answer: int, rng: random.Random) -> int:
