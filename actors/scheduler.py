@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import trio
 from transformers import AutoTokenizer
 
@@ -360,9 +361,10 @@ class Scheduler:
             kept_adv: dict[str, float] = {}
             if res.kept:
                 a = group_advantages(
-                    np.asarray([rewards[k] for k in res.kept], np.float32), np.zeros(len(res.kept), np.int64)
+                    torch.tensor([rewards[k] for k in res.kept], dtype=torch.float32),
+                    torch.zeros(len(res.kept), dtype=torch.long),
                 )
-                kept_adv = {k: float(x) for k, x in zip(res.kept, np.asarray(a).tolist())}
+                kept_adv = {k: float(x) for k, x in zip(res.kept, a.tolist())}
             self.ctx.emit(
                 GroupResampled(
                     group_id=gid, step=self.step, mode=f"roc-{roc.mode}" if roc.mode != "none" else "none",

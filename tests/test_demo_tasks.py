@@ -90,14 +90,14 @@ def test_demos_are_deterministic_and_in_chat_roles():
 def test_mix_of_tool_buggy_and_direct():
     convs, _ = demos(n=1000, tool_fraction=0.4, buggy_fraction=0.25)
     with_tool = [c for c in convs if len(c) == 5]
-    buggy = [c for c in with_tool if "<stderr>" in c[3]["content"]]
+    buggy = [c for c in with_tool if "Tool call failure" in c[3]["content"]]
     assert 0.33 < len(with_tool) / len(convs) < 0.47
     assert 0.15 < len(buggy) / len(with_tool) < 0.35
 
 
 def test_tool_demos_code_really_prints_the_answer_they_give():
     convs, _ = demos(n=300)
-    good = [c for c in convs if len(c) == 5 and "<stdout>" in c[3]["content"]]
+    good = [c for c in convs if len(c) == 5 and "Tool call success" in c[3]["content"]]
     assert good
     outputs = run_batch([parse_tool_call(c[2]["content"]) for c in good])
     for conv, out in zip(good, outputs):
@@ -124,11 +124,13 @@ def test_direct_answers_are_usually_wrong():
     assert 0.05 < right / len(convs) < 0.15
 
 
-def test_render_tool_output():
-    assert render_tool_output("42\n") == "<stdout>\n42\n</stdout>"
-    assert render_tool_output("", "boom\n") == "<stderr>\nboom\n</stderr>"
-    assert render_tool_output("1\n", "warn") == "<stdout>\n1\n</stdout>\n<stderr>\nwarn\n</stderr>"
-    assert render_tool_output("", "") == "(no output)"
+def test_render_tool_output_matches_the_live_tool_executor():
+    from tools_sandbox import ExecResult, format_for_model
+
+    assert render_tool_output("42\n") == "Tool call success\nstdout: 42\n\nexecution time: 0.01s"
+    failed = ExecResult(status="error", stdout="", stderr="boom\n", exit_code=1, signal=None, duration_s=0.01)
+    assert render_tool_output("", "boom\n") == format_for_model(failed)
+    assert render_tool_output("", "boom\n").startswith("Tool call failure\nreason: error (exit code 1)")
 
 
 def test_tokenizer_corpus_has_no_chat_tokens():

@@ -212,7 +212,7 @@ def sft_conversation(p: DemoProblem, mode: str, rng: random.Random, *, system: s
         code, stderr = buggy_variant(p, rng)
         msgs += [
             {"role": "assistant", "content": TOOL_PREAMBLE + tool_call_text(code)},
-            {"role": "tool", "content": render_tool_output("", stderr)},
+            {"role": "tool", "content": render_tool_output("", stderr + "\n")},
             {"role": "assistant", "content": answer_text(wrong_guess(p.answer, rng))},
         ]
     elif mode == "direct":
