@@ -210,7 +210,7 @@ def _format_error(e: ValidationError, source: str) -> str:
         value = err.get("input")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; docs/config.md lists the fields)"
+            msg = "unknown field (check the spelling; configs/demo.toml and actors/config.py list the fields)"
         lines.append(f"  {loc} = {value!r:.60}: {msg}")
     return "\n".join(lines)
 
