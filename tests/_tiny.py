@@ -76,7 +76,7 @@ def build_tiny(out_dir: str | Path, *, hidden_size: int = 64, layers: int = 2, h
     return out
 
 
-def memorize(model_dir: str | Path, texts: list[str], steps: int = 120, lr: float = 1e-2) -> None:
+def memorize(model_dir: str | Path, texts: list[str], steps: int = 400, lr: float = 1e-2) -> None:
     """Train the model in ``model_dir`` in place on ``texts`` until it reproduces them (a few seconds).
 
     Gives tests a real model that writes known multi-turn tool calls at low temperature.
@@ -90,12 +90,16 @@ def memorize(model_dir: str | Path, texts: list[str], steps: int = 120, lr: floa
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch = [torch.tensor([tok.encode(t, add_special_tokens=False)]) for t in texts]
     model.train()
-    for _ in range(steps):
+    for _ in range(steps):  # until memorized (greedy reproduces the text), at most ``steps``
+        worst = 0.0
         for x in batch:
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
+            worst = max(worst, loss.item())
+        if worst < 2e-3:
+            break
     model.eval()
     model.save_pretrained(model_dir)
 
