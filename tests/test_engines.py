@@ -80,3 +80,25 @@ def test_sampling_spec_rejects_bad_values():
 def test_missing_model_dir_names_the_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         create_engine(EngineConfig(kind="hf"), tmp_path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reload_weights_serves_the_new_weights(kind, model_dir, tmp_path):
+    """After a reload to different weights, logprobs match a fresh transformers model of those weights.
+
+    Guards the vLLM CPU bug where the tied lm_head kept its start-time packed GEMM weights.
+    """
+    other = build_tiny(tmp_path / "other", seed=1)
+    prompt = [1, 11, 20, 30]
+
+    async def main():
+        async with create_engine(EngineConfig(kind=kind, max_model_len=256, max_running=2), model_dir) as engine:
+            await engine.reload_weights(other, version=1)
+            return await engine.generate("r", prompt, SamplingSpec(max_tokens=24, seed=3))
+
+    out = trio.run(main)
+    assert set(out.versions) == {1}
+    ids = [*prompt, *out.token_ids]
+    new = _plain_logprobs(other, ids)[3:]
+    assert np.abs(_plain_logprobs(model_dir, ids)[3:] - new).max() > 1e-2  # the two models really differ
+    np.testing.assert_allclose(out.logprobs, new, atol=1e-4)

@@ -24,6 +24,33 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _reprocess_tied_layers(model) -> int:
+    """Re-run weight post-processing on layers whose weights are tied to another layer's.
+
+    Why: with ``tie_word_embeddings`` the checkpoint holds only ``embed_tokens.weight``;
+    vLLM's in-place reload copies the new values into that Parameter (which ``lm_head``
+    shares) but loads nothing into ``lm_head`` itself ("ParallelLMHead: Failed to load
+    weights"), so ``lm_head``'s ``process_weights_after_loading`` is not re-run. On CPU
+    that step packs the weight into a oneDNN GEMM handle that owns a copy, so the logits
+    kept coming from the START weights while the rest of the network used the new ones:
+    garbage text. Re-running the (idempotent for unquantized layers) processing rebuilds
+    the handle from the now-current shared Parameter; on GPU it is a no-op.
+
+    Input: the vLLM model (called in the worker through ``apply_model``). Output: the
+    number of layers reprocessed. Raises whatever the layer's processing raises.
+    """
+    owner: dict[int, object] = {}
+    tied = []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            first = owner.setdefault(id(param), module)
+            if first is not module and hasattr(module, "quant_method"):
+                tied.append(module)
+    for module in dict.fromkeys(tied):  # keep order, drop repeats
+        module.quant_method.process_weights_after_loading(module)
+    return len(tied)
+
+
 class VLLMBackend(Backend):
     """Wraps ``vllm.v1.engine.llm_engine.LLMEngine``; used only from the engine thread."""
 
@@ -106,6 +133,9 @@ class VLLMBackend(Backend):
 
     def reload_weights(self, path: str) -> None:
         self._engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        # vLLM's in-place reload skips tied layers (the checkpoint has no lm_head.weight), so
+        # their kernel state derived at start is never rebuilt; see _reprocess_tied_layers.
+        self._engine.apply_model(_reprocess_tied_layers)
         # Drop cached prefixes (computed with old weights) and recompute the KV of running
         # sequences, so every token after the swap is sampled from the new weights only.
         if not self._engine.reset_prefix_cache(reset_running_requests=True):
