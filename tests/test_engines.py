@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
@@ -88,7 +89,17 @@ def test_reload_weights_serves_the_new_weights(kind, model_dir, tmp_path):
 
     Guards the vLLM CPU bug where the tied lm_head kept its start-time packed GEMM weights.
     """
-    other = build_tiny(tmp_path / "other", seed=1)
+    # Same config and tokenizer, different weights (a second build_tiny may train a different vocab).
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():  # tied: embed_tokens (= lm_head) changes too
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(other)
     prompt = [1, 11, 20, 30]
 
     async def main():

@@ -33,18 +33,22 @@ def _reprocess_tied_layers(model) -> int:
     weights"), so ``lm_head``'s ``process_weights_after_loading`` is not re-run. On CPU
     that step packs the weight into a oneDNN GEMM handle that owns a copy, so the logits
     kept coming from the START weights while the rest of the network used the new ones:
-    garbage text. Re-running the (idempotent for unquantized layers) processing rebuilds
-    the handle from the now-current shared Parameter; on GPU it is a no-op.
+    garbage text. Re-running the processing rebuilds the handle from the now-current
+    shared Parameter (on GPU it is a no-op). Only unquantized tied layers are reprocessed:
+    their processing is idempotent; a quantized one's may not be.
 
     Input: the vLLM model (called in the worker through ``apply_model``). Output: the
     number of layers reprocessed. Raises whatever the layer's processing raises.
     """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
     owner: dict[int, object] = {}
     tied = []
     for module in model.modules():
         for param in module.parameters(recurse=False):
             first = owner.setdefault(id(param), module)
-            if first is not module and hasattr(module, "quant_method"):
+            # only unquantized processing is known to be safe to re-run on processed weights
+            if first is not module and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
                 tied.append(module)
     for module in dict.fromkeys(tied):  # keep order, drop repeats
         module.quant_method.process_weights_after_loading(module)
