@@ -192,6 +192,44 @@ def _blocking_ancestor(path: str) -> str | None:
     return None
 
 
+def _stage_root(paths: list[str]) -> str:
+    """An existing directory, not holding any of ``paths``, to cover with a staging tmpfs
+    (only inside the zygote's own mount namespace)."""
+    for cand in ("/mnt", "/media", "/srv", "/opt", "/home", "/boot"):
+        if os.path.isdir(cand) and not any(
+            os.path.abspath(p) == cand or os.path.abspath(p).startswith(cand + "/") for p in paths
+        ):
+            return cand
+    raise OSError(errno.ENOENT, "no directory to stage mounts in (tried /mnt, /media, /srv, /opt, /home, /boot)")
+
+
+def _private_tmp(opts: bytes, paths: list[str]) -> None:
+    """Mount a fresh tmpfs on /tmp, keeping interpreter paths that live under /tmp visible
+    (e.g. a virtual environment in a checkout under /tmp): they are bind-staged elsewhere
+    and moved back onto the new /tmp."""
+    keep = sorted({os.path.abspath(p).split("/")[2] for p in paths if os.path.abspath(p).startswith("/tmp/")})
+    staged = []
+    stage_root = None
+    if keep:
+        stage_root = _stage_root(paths)
+        _check(_libc.mount(b"tmpfs", stage_root.encode(), b"tmpfs", 0, b"size=1m,mode=0700"), "mount staging tmpfs")
+    try:
+        for i, name in enumerate(keep):
+            stage = f"{stage_root}/t{i}"
+            os.mkdir(stage)
+            _check(_libc.mount(f"/tmp/{name}".encode(), stage.encode(), None, MS_BIND | MS_REC, None),
+                   f"bind /tmp/{name}")
+            staged.append((name, stage))
+        _check(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount tmpfs on /tmp")
+        for name, stage in staged:
+            os.mkdir(f"/tmp/{name}", 0o755)
+            _check(_libc.mount(stage.encode(), f"/tmp/{name}".encode(), None, MS_MOVE, None),
+                   f"move {stage} to /tmp/{name}")
+    finally:
+        if stage_root is not None:
+            _libc.umount2(stage_root.encode(), 0)
+
+
 def _expose_interpreter(paths: list[str]) -> None:
     """Let calls (another uid) read the interpreter and its libraries, and nothing beside them.
 
@@ -199,7 +237,7 @@ def _expose_interpreter(paths: list[str]) -> None:
     mount namespace, each such blocking directory is covered by an empty tmpfs (mode 0711,
     hiding e.g. /root/.ssh) and only the needed child directory is bind-mounted back.
     """
-    stage_root = "/tmp"  # staging area; the real private /tmp is mounted over it later
+    stage_root = _stage_root(paths)
     _check(_libc.mount(b"tmpfs", stage_root.encode(), b"tmpfs", 0, b"size=1m,mode=0700"),
            "mount staging tmpfs")
     try:
@@ -279,16 +317,14 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
         _check(_libc.syscall(nr, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
                              ctypes.sizeof(attr)), "mount_setattr(/, RDONLY, recursive)")
 
+    paths = [sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p and os.path.isdir(p))]
     if features.get("uid_drop"):
-        paths = [sys.base_prefix, sys.prefix, sys.exec_prefix,
-                 *(p for p in sys.path if p and os.path.isdir(p))]
         step("interpreter_visible", lambda: _expose_interpreter(paths))
     step("readonly_root", readonly_root)
     # The only writable place: a tmpfs that only this zygote's mount namespace sees. Mode
     # 0711 so a call cannot list the other calls' directories.
     opts = f"size={int(cfg['tmpfs_mb'])}m,nr_inodes=65536,mode=0711".encode()
-    step("private_tmp", lambda: _check(_libc.mount(
-        b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount tmpfs on /tmp"))
+    step("private_tmp", lambda: _private_tmp(opts, paths))
 
 
 # ----------------------------------------------------------------------------- framing
