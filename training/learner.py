@@ -205,9 +205,27 @@ def _dummy_row(device: torch.device) -> _Row:
 # --------------------------------------------------------------------------- the learner
 
 
+#: A JIT build (deepspeed_shm_comm ~25 s, CPU Adam ~40 s) holding its lock longer than this
+#: was killed mid-build; torch would wait on its lock file forever.
+STALE_BUILD_LOCK_S = 600
+
+
+def _clear_stale_build_locks(ext_dir: Path) -> None:
+    """Remove torch extension build locks left by a process killed while compiling."""
+    import time
+
+    for lock in ext_dir.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                lock.unlink()
+        except OSError:
+            pass
+
+
 def _setup_process_env() -> None:
     """Single-process defaults for torch.distributed, and a stable JIT-extension cache."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "reckon" / "torch_extensions"))
+    _clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
