@@ -31,7 +31,7 @@ from protocol.events import (
     TrajectoryCompleted,
     WeightsPublished,
 )
-from training.chat import encode_messages, prompt_messages
+from training.chat import encode_prompt
 
 
 class ToolDispatcher:
@@ -141,8 +141,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             active.add(req.rollout_id)
             t0 = time.monotonic()
             try:
-                prompt_ids, _ = encode_messages(tokenizer, prompt_messages(req.problem))
-                prompt_ids += tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+                prompt_ids = encode_prompt(tokenizer, req.problem)
                 spec = RolloutSpec(
                     request_id=req.rollout_id,
                     prompt_ids=prompt_ids,

@@ -46,7 +46,7 @@ from protocol.events import (
     WeightsPublished,
 )
 from training.algos import group_advantages
-from training.chat import encode_messages, prompt_messages
+from training.chat import encode_messages, encode_prompt
 from training.data import Problem, load_train_eval
 from training.demo_tasks import demo_splits, make_sft_demos
 from training.roc import RolloutStats, roc_downsample
@@ -182,9 +182,7 @@ class Scheduler:
     def prompt_ids(self, problem: str) -> list[int]:
         ids = self._prompt_cache.get(problem)
         if ids is None:
-            ids, _ = encode_messages(self.tokenizer, prompt_messages(problem))
-            ids += self.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-            self._prompt_cache[problem] = ids
+            ids = self._prompt_cache[problem] = encode_prompt(self.tokenizer, problem)
         return ids
 
     async def run_rollouts(self, requests: list[RolloutRequested]) -> Step:

@@ -161,3 +161,10 @@ def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
         else:
             put(f"{IM_START}{role}\n{content}{IM_END}\n", 0)
     return ids, mask
+
+
+def encode_prompt(tokenizer, problem: str, system: str | None = SYSTEM_PROMPT) -> list[int]:
+    """Token ids that open a rollout for ``problem``: the prompt messages, then the
+    assistant header the model continues from."""
+    ids, _ = encode_messages(tokenizer, prompt_messages(problem, system))
+    return ids + tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False)
