@@ -331,15 +331,83 @@ def train_command(
     run: Optional[str] = typer.Argument(None, help=_RUN_HELP),
     url: Optional[str] = typer.Option(None, "--url", help=_URL_HELP),
     run_id: Optional[str] = typer.Option(None, "--run-id", help=_RUN_ID_HELP),
+    tol: float = typer.Option(
+        1e-5, "--tol", min=0.0, help="largest |logged - replayed| loss (metrics: relative to max(1, |logged|))"
+    ),
+    from_step: Optional[int] = typer.Option(
+        None, "--from-step", help="check steps from this logged step on (chain mode still trains the earlier ones)"
+    ),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="check at most this many steps"),
+    from_published: bool = typer.Option(
+        False, "--from-published",
+        help="start each step from the weights the run published before it (steps checked independently)",
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="the run's initial model directory (default: the logged model.path)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per step instead of the table"),
 ) -> None:
-    """Re-run learner steps from logged batches (train-only replay, no generators)."""
+    """Re-run learner steps from logged batches (train-only replay, no generators).
+
+    Rebuilds the learner from the logged config and initial model, trains
+    it on each BatchFormed in the order the run did (lr, optimizer reset
+    and kind as logged), and compares every step's loss and metrics with
+    its TrainStepCompleted; exits 1 if one differs by more than --tol.
+    Reads the log only; scratch files go to a temporary directory.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from store import replay_train as rt
+
     log, rid = _run_log(run, url, run_id)
-    log.close()
-    # TODO(lead): wire train-only replay: build the learner from the run's logged config
-    # (log.runs()), feed it every BatchFormed of `rid` in position order via
-    # training.learner, and compare each step's loss with the logged TrainStepCompleted
-    # (tolerance 1e-5).
-    raise _fail(f"train replay of run {rid} is not wired to training.learner yet")
+    local_dir = Path(run) if run is not None and Path(run).is_dir() else None
+    try:
+        training = rt.load_steps(log, rid, config_file=local_dir / "config.json" if local_dir else None)
+    except StoreError as e:
+        raise _fail(str(e)) from None
+    finally:
+        log.close()
+    if model is not None:
+        model_dir = Path(model)
+    else:
+        logged = str(training.config.get("model", {}).get("path", ""))
+        if not logged:
+            raise _fail(f"the logged config of run {rid} names no model.path; pass --model DIR (the initial model)")
+        model_dir = rt.relocate(logged, training.logged_run_dir, local_dir)
+    if not (model_dir / "config.json").is_file():
+        raise _fail(f"initial model {str(model_dir)!r} is not a Hugging Face model directory; pass --model DIR")
+    if training.untrained:
+        typer.echo(f"note: {len(training.untrained)} logged batch(es) have no TrainStepCompleted and are not replayed "
+                   f"(steps {', '.join(str(b.step) for b in training.untrained[:8])})", err=True)
+
+    def resolve(path: str) -> Path:
+        return rt.relocate(path, training.logged_run_dir, local_dir)
+
+    failed: list[int] = []
+    max_loss = max_metric = 0.0
+    n = 0
+    with tempfile.TemporaryDirectory(prefix="reckon-replay-") as work:
+        if not as_json:
+            typer.echo(rt.TABLE_HEADER)
+        try:
+            for c in rt.replay(training, model_dir=model_dir, work_dir=Path(work), resolve=resolve,
+                               from_published=from_published, first_step=from_step, max_steps=steps):
+                n += 1
+                max_loss, max_metric = max(max_loss, c.loss_diff), max(max_metric, c.worst_diff)
+                if not c.ok(tol):
+                    failed.append(c.step.done.step)
+                typer.echo(json.dumps(rt.comparison_json(c)) if as_json else rt.format_row(c))
+        except StoreError as e:
+            raise _fail(str(e)) from None
+    if n == 0:
+        raise _fail(f"no logged step of run {rid} is at or after --from-step {from_step}")
+    mode = "from published weights" if from_published else "chained from the initial model"
+    verdict = "OK" if not failed else f"FAILED at step(s) {', '.join(map(str, failed[:20]))}"
+    typer.echo(f"replayed {n} step(s) of run {rid} ({mode}): max |loss diff| {max_loss:.1e}, "
+               f"max metric diff {max_metric:.1e}, tolerance {tol:g}: {verdict}", err=as_json)
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:
