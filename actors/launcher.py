@@ -63,6 +63,10 @@ def prepare_run(cfg: Config) -> Config:
 
     if cfg.network.transport == "ipc":
         Path(socket_dir(str(run_dir))).mkdir(parents=True, exist_ok=True)
+    if cfg.network.curve:  # CurveZMQ: one key pair per actor in RUN_DIR/keys (kept across restarts)
+        from protocol.curve import generate_keys
+
+        generate_keys(run_dir, cfg.actor_names())
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     return cfg
 

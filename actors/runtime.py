@@ -36,6 +36,7 @@ from protocol.events import (
     Heartbeat,
     new_event_id,
 )
+from protocol.curve import KeyPair, ZapAuthenticator, load_keypair, load_public_key, load_public_keys
 from protocol.transport import Inbox, Network
 
 RECORDER = "recorder"
@@ -75,12 +76,20 @@ class Context:
         self._seq = itertools.count()
         self._zctx = zctx
         self._nursery = nursery
+        # CurveZMQ (network.curve): keys from RUN_DIR/keys; the ZAP authenticator must exist
+        # before the inbox binds (serve() runs its task).
+        self.zap: ZapAuthenticator | None = None
+        keys: KeyPair | None = None
+        if config.network.curve:
+            keys = load_keypair(config.run.run_dir, name)
+            self.zap = ZapAuthenticator(zctx, load_public_keys(config.run.run_dir))
         self.inbox = Inbox(
             zctx,
             config.address(name),
             run_id=run_id,
             auto_ack=(name != RECORDER),
             on_reject=self._on_reject,
+            curve_server_key=keys.secret if keys else None,
         )
         self.net = Network(
             zctx,
@@ -88,6 +97,9 @@ class Context:
             config.address,
             identity=f"{name}:{os.getpid()}",
             resend_after=config.network.resend_after_s,
+            curve_for=(lambda peer: (load_public_key(config.run.run_dir, peer), keys.public, keys.secret))
+            if keys
+            else None,
         )
         #: Called for each emitted envelope before it is sent (the recorder hooks itself here).
         self.local_sink: Callable[[Envelope, bytes], None] | None = None
@@ -95,10 +107,10 @@ class Context:
         #: Awaited once while draining, after ActorStopped is emitted (shielded, with a deadline).
         self.on_drain: Callable[[], Awaitable[None]] | None = None
 
-    def _on_reject(self, reason: str, frame: bytes) -> None:
+    def _on_reject(self, reason: str, sender: bytes) -> None:
+        # The inbox counts and logs rejections (rate-limited); keep the latest reasons here.
         self.rejected.append(reason)
         del self.rejected[:-100]
-        self.log.warning("frame rejected", reason=reason, size=len(frame))
 
     def emit(self, event: Event, to: Iterable[str] = (), cause: Envelope | str | None = None) -> Envelope:
         """Send ``event`` to the named peers and to the recorder. Never blocks."""
@@ -146,6 +158,8 @@ async def serve(name: str, config: Config, run_id: str, body: ActorBody) -> int:
     try:
         async with trio.open_nursery() as infra:
             ctx = Context(name, config, run_id, zctx, infra)
+            if ctx.zap is not None:
+                infra.start_soon(ctx.zap.run)
             infra.start_soon(ctx.inbox.pump)
             infra.start_soon(ctx.net.resend_loop)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

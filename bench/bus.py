@@ -4,10 +4,11 @@
 
 reckon: the sender wraps typed events in envelopes (fresh event id, seq, ts), encodes
 them (codec.encode) and sends them through a Link (DEALER; each event kept until
-acknowledged, bursts coalesced into one zmq message); the receiver's Inbox (ROUTER)
-decodes and validates every frame, dedupes, queues it and acknowledges in batches; a trio
-task consumes them.
-raw: the same encoded bytes through a blocking DEALER -> ROUTER pair, no decode, no ack.
+acknowledged, what is queued goes out as one burst: one msgpack array, one zmq message);
+the receiver's Inbox (ROUTER) decodes and validates every frame (envelope and payload
+types, run_id), dedupes, queues it and acknowledges in batches; a trio task consumes them.
+raw: the same encoded bytes through a blocking DEALER -> ROUTER pair, one zmq message per
+frame, no decode, no ack.
 Both are timed from the receiver's first to its last message. Ratio = reckon / raw.
 """
 

@@ -9,10 +9,11 @@ import typing
 import msgpack
 import numpy as np
 import pytest
+import structlog
 import trio
 import zmq
 
-from protocol.codec import DecodeError, decode, encode
+from protocol.codec import DecodeError, burst, decode, decode_burst, encode
 from protocol.events import (
     REGISTRY,
     BatchFormed,
@@ -21,7 +22,7 @@ from protocol.events import (
     TrajectoryCompleted,
     new_event_id,
 )
-from protocol.transport import Inbox, Link
+from protocol.transport import Inbox, Link, RejectLog
 
 
 def _sample(tp):
@@ -216,3 +217,61 @@ def test_unacked_events_are_resent_to_a_restarted_peer(tmp_path):
         zctx.destroy(0)
 
     trio.run(main)
+
+
+# --------------------------------------------------------------------------- bursts, acks, rejections
+
+
+def test_a_bad_frame_in_a_burst_spoils_nothing_around_it():
+    good = [envelope(Heartbeat(uptime_s=float(i), state="ok"), seq=i) for i in range(3)]
+    frames = [encode(good[0]), _frame(type="NoSuchEvent"), encode(good[1]), msgpack.packb("text"), encode(good[2])]
+    envs, bad = decode_burst(burst(frames))
+    assert [e.seq for e in envs] == [0, 1, 2]
+    assert [r for r, _ in bad] == ["unknown event type 'NoSuchEvent'", "envelope: Expected `object`, got `str`"]
+    assert decode_burst(encode(good[0]))[0][0].event_id == good[0].event_id  # a bare frame is a burst of one
+    assert decode_burst(b"\x90")[1][0][0].startswith("empty burst")
+    assert decode_burst(burst(frames)[:-5])[1][0][0].startswith("burst of")  # truncated: one rejection
+    (reason, size), = decode_burst(burst([encode(good[0])]), max_bytes=20)[1]
+    assert "exceeds the 20-byte cap" in reason and size == len(encode(good[0]))
+
+
+def _ack_ids(inbox) -> list[str]:
+    inbox._flush_acks()
+    ids = [i for m in inbox._pump._out for i in msgpack.unpackb(m[2])]
+    inbox._pump._out.clear()
+    return ids
+
+
+def test_a_duplicate_is_acked_again_unless_its_original_awaits_the_consumer(tmp_path):
+    async def main():
+        zctx = zmq.Context()
+        manual = Inbox(zctx, _addr(tmp_path, "m"), auto_ack=lambda env: env.payload.state != "work")
+        work, beat = envelope(Heartbeat(uptime_s=1.0, state="work")), envelope(Heartbeat(uptime_s=1.0, state="ok"))
+        msg = [b"peer", b"E", burst([encode(work), encode(beat)])]
+        manual._on_message(msg)
+        assert _ack_ids(manual) == [beat.event_id]  # the predicate holds "work" back
+        manual._on_message(msg)  # both resent
+        assert _ack_ids(manual) == [beat.event_id]  # the held one is still not acked
+        assert manual.duplicates == 2 and manual.received == 2
+        manual.ack(b"peer", work)  # the consumer is done
+        manual._on_message(msg)
+        assert sorted(_ack_ids(manual)) == sorted([work.event_id, beat.event_id, work.event_id])
+        manual.close()
+        zctx.destroy(0)
+
+    trio.run(main)
+
+
+def test_rejections_are_counted_and_logged_without_flooding():
+    rejections = RejectLog("frame rejected", burst=3, interval_s=3600)
+    with structlog.testing.capture_logs() as logs:
+        for i in range(1000):
+            rejections(f"run_id 'r{i}' is not this run ('run-1')", size=10)
+        rejections("not a msgpack frame: DecodeError: x")
+        rejections.flush()
+    assert rejections.total == 1001
+    assert rejections.kinds == {"run_id … is not this run (…)": 1000, "not a msgpack frame": 1}
+    assert [e["event"] for e in logs] == ["frame rejected"] * 3 + [
+        "frame rejected: further ones are summarized every 3600 s", "frame rejected (summary)"]
+    assert logs[0]["reason"] == "run_id 'r0' is not this run ('run-1')"
+    assert logs[-1]["count"] == 998 and logs[-1]["reasons"]["not a msgpack frame"] == 1

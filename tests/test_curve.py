@@ -1,0 +1,155 @@
+"""CurveZMQ (network.curve): run keys in RUN_DIR/keys, only holders of a run key get events in."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import trio
+import zmq
+
+from actors.config import Config
+from actors.runtime import Context
+from protocol.codec import encode
+from protocol.curve import (
+    CurveError,
+    ZapAuthenticator,
+    generate_keys,
+    keys_dir,
+    load_keypair,
+    load_public_key,
+    load_public_keys,
+)
+from protocol.events import Envelope, Heartbeat, new_event_id
+from protocol.transport import Inbox, Link
+
+
+def _env(i: int, run_id: str = "run-1") -> Envelope:
+    return Envelope(new_event_id(), "Heartbeat", 1, run_id, "test", i, 0.0, None, Heartbeat(uptime_s=float(i), state="ok"))
+
+
+def test_keys_are_made_once_per_actor_and_private(tmp_path):
+    d = generate_keys(tmp_path, ["recorder", "generator-0"])
+    assert d == keys_dir(tmp_path)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "recorder.secret").stat().st_mode) == 0o600
+    first = load_keypair(tmp_path, "generator-0")
+    assert len(first.public) == len(first.secret) == 40 and first.public != first.secret
+    generate_keys(tmp_path, ["recorder", "generator-0", "generator-1"])  # a restart keeps existing keys
+    assert load_keypair(tmp_path, "generator-0") == first
+    assert set(load_public_keys(tmp_path).values()) == {"recorder", "generator-0", "generator-1"}
+
+
+def test_missing_or_exposed_keys_are_refused_by_name(tmp_path):
+    with pytest.raises(CurveError, match="verifier-0.public does not exist"):
+        load_public_key(tmp_path, "verifier-0")
+    generate_keys(tmp_path, ["learner"])
+    os.chmod(keys_dir(tmp_path) / "learner.secret", 0o644)
+    with pytest.raises(CurveError, match="learner.secret: a secret key must be readable by its owner only"):
+        load_keypair(tmp_path, "learner")
+    (keys_dir(tmp_path) / "learner.public").write_text("short")
+    with pytest.raises(CurveError, match="learner.public: expected a 40-character Z85 CURVE key"):
+        load_public_key(tmp_path, "learner")
+
+
+def test_a_curve_inbox_needs_an_authenticator(tmp_path):
+    zctx = zmq.Context()
+    try:
+        with pytest.raises(CurveError, match="needs a ZapAuthenticator"):
+            Inbox(zctx, f"ipc://{tmp_path}/in", curve_server_key=zmq.curve_keypair()[1])
+    finally:
+        zctx.destroy(0)
+
+
+def test_only_holders_of_a_run_key_get_events_in(tmp_path):
+    """A run key delivers; a foreign key, a forged secret for a run key, and plain text are refused."""
+    generate_keys(tmp_path, ["recorder", "generator-0"])
+    server = load_keypair(tmp_path, "recorder")
+    good = load_keypair(tmp_path, "generator-0")
+    foreign_public, foreign_secret = zmq.curve_keypair()
+    _, forged_secret = zmq.curve_keypair()
+    addr = f"ipc://{tmp_path}/recorder"
+
+    async def main():
+        server_ctx, client_ctx = zmq.Context(), zmq.Context()
+        zap = ZapAuthenticator(server_ctx, load_public_keys(tmp_path))
+        inbox = Inbox(server_ctx, addr, run_id="run-1", curve_server_key=server.secret)
+        links = {
+            "good": Link(client_ctx, "recorder", addr, identity=b"good", curve=(server.public, good.public, good.secret)),
+            "foreign": Link(client_ctx, "recorder", addr, identity=b"foreign",
+                            curve=(server.public, foreign_public, foreign_secret)),
+            "forged": Link(client_ctx, "recorder", addr, identity=b"forged",
+                           curve=(server.public, good.public, forged_secret)),
+            "plain": Link(client_ctx, "recorder", addr, identity=b"plain"),
+        }
+        got: list[tuple[bytes, Envelope]] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(zap.run)
+            n.start_soon(inbox.pump)
+            for link in links.values():
+                n.start_soon(link.pump)
+            for name, link in links.items():
+                for i in range(5):
+                    e = _env(i)
+                    link.send(e.event_id, encode(e))
+            with trio.fail_after(10):
+                while len(got) < 5:
+                    got.append(await inbox.receive())
+                await links["good"].wait_acked()
+                while zap.refused < 1:  # the foreign key (libzmq does not retry after a refusal)
+                    await trio.sleep(0.05)
+            # Give the refused senders time to try, then one more good event.
+            await trio.sleep(0.5)
+            last = _env(99)
+            links["good"].send(last.event_id, encode(last))
+            with trio.fail_after(10):
+                got.append(await inbox.receive())
+            n.cancel_scope.cancel()
+        assert {identity for identity, _ in got} == {b"good"}
+        assert [env.seq for _, env in got] == [0, 1, 2, 3, 4, 99]
+        assert inbox.received == 6 and inbox.rejected == 0
+        for name in ("foreign", "forged", "plain"):
+            assert len(links[name].unacked) == 5, name
+        assert zap.admitted >= 1 and zap.refused >= 1
+        # Every refusal is logged with a reason naming what was wrong.
+        reasons = list(inbox.refusals.recent)
+        assert any(r.startswith("authentication refused") for r in reasons), reasons  # foreign key
+        assert any("mechanism mismatch" in r for r in reasons), reasons  # plain text
+        assert any("cryptographic" in r for r in reasons), reasons  # forged secret for a run key
+        assert inbox.refused_connections >= 3
+        for link in links.values():
+            link.close()
+        inbox.close()
+        zap.close()
+        server_ctx.destroy(0)
+        client_ctx.destroy(0)
+
+    trio.run(main)
+
+
+def test_actors_use_the_run_keys_when_curve_is_on(tmp_path):
+    """The runtime wiring: with network.curve, a Context's inbox is a CURVE server and its links
+    authenticate with the actor's key pair."""
+    cfg = Config.model_validate({"run": {"run_dir": str(tmp_path), "run_id": "run-1"}, "network": {"curve": True}})
+    (tmp_path / "sock").mkdir()
+    generate_keys(tmp_path, cfg.actor_names())
+
+    async def main():
+        zrec, zsch = zmq.Context(), zmq.Context()
+        async with trio.open_nursery() as n:
+            recorder = Context("recorder", cfg, "run-1", zrec, n)
+            scheduler = Context("scheduler", cfg, "run-1", zsch, n)
+            assert recorder.zap is not None and recorder.inbox.curve
+            n.start_soon(recorder.zap.run)
+            n.start_soon(recorder.inbox.pump)
+            sent = scheduler.emit(Heartbeat(uptime_s=1.0, state="ok"))  # every event goes to the recorder
+            with trio.fail_after(10):
+                got = await recorder.receive()
+            assert got.event_id == sent.event_id
+            assert recorder.zap.admitted >= 1
+            n.cancel_scope.cancel()
+        zrec.destroy(0)
+        zsch.destroy(0)
+
+    trio.run(main)
