@@ -64,6 +64,8 @@ def _mount() -> None:
     from actors.simulator import simulate_app
     from store.report import report_command
     from training.tiny import make_tiny_model_command
+    from actors.evaluate import eval_command
+    from actors.ablate import ablate_command
 
     app.add_typer(replay_app, name="replay", help="Rebuild, re-score, re-execute or re-train from a run's log.")
     app.add_typer(sandbox_app, name="sandbox", help="The isolated Python sandbox: exec, serve, bench.")
@@ -72,6 +74,8 @@ def _mount() -> None:
     app.command("make-tiny-model")(make_tiny_model_command)
     app.command("sql")(sql_app)
     app.command("simulate")(simulate_app)
+    app.command("eval")(eval_command)
+    app.command("ablate")(ablate_command)
 
 
 def main() -> None:

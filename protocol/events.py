@@ -293,6 +293,8 @@ class WeightsPublished(Event):
 
 @dataclass(frozen=True, slots=True)
 class EvalCompleted(Event):
+    """avg pass@1 over k samples per problem of one held-out dataset (scheduler, or ``reckon eval``)."""
+
     TYPE = "EvalCompleted"
     STREAM = "dataset"
     dataset: str
@@ -302,8 +304,12 @@ class EvalCompleted(Event):
     temperature: float
     pass_at_1: float
     n_problems: int
-    mean_response_tokens: float
-    mean_tool_calls: float
+    mean_response_tokens: float  # model tokens per sample (tool-response tokens excluded)
+    mean_tool_calls: float  # per sample
+    tool_error_rate: float | None = None  # failed tool calls / tool calls (None: no call, or not measured)
+    max_tokens: int = 0  # token budget per sample (0: not recorded)
+    max_turns: int = 0  # turn budget per sample (0: not recorded)
+    model: str = ""  # the model directory evaluated (reckon eval); empty: the run's current weights
 
 
 # --------------------------------------------------------------------------- actors

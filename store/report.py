@@ -2,12 +2,16 @@
 
 A report is three things written under one output directory:
 
-- ``report.png`` — a grid of small panels over optimizer steps: mean reward of the
-  training rollouts, held-out accuracy (avg pass@1 per dataset, at the steps it was
-  measured), mean response length, tool calls per trajectory, tool-error rate of the
-  positive (correct) trajectories and of all trajectories, PPO clip fractions, and the RL
-  and SFT losses. Stage starts are dashed vertical lines labelled with the stage name;
-  SFT steps are shaded. Several runs share the axes, one colour per run (the ablation:
+- ``report.png`` — a grid of panels: mean reward of the training rollouts, held-out
+  accuracy (avg pass@1 per dataset, where measured; ``reckon eval`` results as hollow
+  markers), tool-error rate of the positive (correct) trajectories and of all
+  trajectories, tool calls per trajectory, response length, PPO clip fractions and the
+  policy loss, all over **RL steps** (1 = the first RL step, so a long SFT stage does not
+  squeeze them and runs with different SFT lengths compare step for step); RL stage
+  starts are dashed lines labelled with the stage name, the SFT stage is the shaded band
+  before RL step 1 (an evaluation after SFT sits there, at 0); RL steps with no
+  optimizer step (every group had equal rewards) are circled. The SFT loss has its own
+  panel over SFT steps. Several runs share the axes, one colour per run (the ablation:
   GRPO-RoC vs plain GRPO).
 - ``report.html`` — one self-contained page: the PNG (base64), a summary per run, the
   run configuration and its stages, every evaluation, and the per-step numbers.
@@ -15,8 +19,8 @@ A report is three things written under one output directory:
   (``rollout/reward``, ``rollout/tool_calls``, ``eval/<dataset>/pass_at_1``,
   ``loss/pg``, ``actor/clip_frac_high``, ...), one directory per run.
 
-Everything is read through the SQL views (``trajectories``, ``train_steps``, ``evals``,
-``stages``; docs/store.md) with the log opened read-only, so a report works on SQLite
+Everything is read through the SQL views (``trajectories``, ``train_steps``, ``stages``;
+docs/store.md) and the EvalCompleted events themselves, with the log opened read-only, so a report works on SQLite
 and PostgreSQL logs alike, while the run is still writing, and never modifies the log.
 
 Rollout curves count every rollout the scheduler sampled for training at that step
@@ -65,6 +69,11 @@ CONFIG_SUMMARY_KEYS = (
     "eval.max_tokens",
     "eval.max_turns",
 )
+
+
+#: EvalCompleted fields a report keeps.
+_EVAL_FIELDS = ("dataset", "step", "weights_version", "k", "temperature", "pass_at_1", "n_problems",
+                "mean_response_tokens", "mean_tool_calls", "tool_error_rate", "max_tokens", "max_turns", "model")
 
 
 class ReportError(StoreError):
@@ -131,7 +140,7 @@ class RunData:
     status: str  # from the runs table or RunCompleted; "unknown" when neither says
     config: dict[str, Any]
     steps: list[StepRow]
-    evals: list[dict[str, Any]]  # rows of the evals view, in log order
+    evals: list[dict[str, Any]]  # EvalCompleted fields + position, ts, source; by step, then log order
     stages: list[StageInfo]
 
     def series(self, attr: str, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +221,8 @@ def _load(log: EventLog, source: str, run_id: str, label: str | None) -> RunData
         "AVG(n_tool_calls) AS tool_calls, SUM(n_tool_calls) AS calls, SUM(n_tool_errors) AS errors, "
         "SUM(CASE WHEN correct = 1 THEN 1 ELSE 0 END) AS n_pos, "
         "SUM(CASE WHEN correct = 1 THEN n_tool_calls ELSE 0 END) AS pos_calls, "
-        "SUM(CASE WHEN correct = 1 THEN n_tool_errors ELSE 0 END) AS pos_errors, MAX(ts) AS ts "
+        "SUM(CASE WHEN correct = 1 THEN n_tool_errors ELSE 0 END) AS pos_errors, MAX(ts) AS ts, "
+        "MIN(stage) AS stage, MIN(position) AS position "
         f"FROM trajectories WHERE run_id = {{run}} AND stage NOT IN ({probes}) GROUP BY step ORDER BY step",
         run_id,
     )
@@ -222,12 +232,13 @@ def _load(log: EventLog, source: str, run_id: str, label: str | None) -> RunData
         "entropy, lr, n_sequences, seconds, metrics FROM train_steps WHERE run_id = {run} ORDER BY position",
         run_id,
     )
-    evals = _select(
-        log,
-        "SELECT ts, dataset, step, weights_version, k, temperature, pass_at_1, n_problems, mean_response_tokens, "
-        "mean_tool_calls FROM evals WHERE run_id = {run} ORDER BY position",
-        run_id,
-    )
+    # EvalCompleted payloads in full (fields added after the evals view was defined, e.g.
+    # tool_error_rate, come with their defaults from older logs), and who evaluated.
+    evals = [
+        {"position": pos, "ts": env.ts, "source": env.source, **{f: getattr(env.payload, f) for f in _EVAL_FIELDS}}
+        for pos, env in log.read(run_id=run_id, types=["EvalCompleted"])
+    ]
+    evals.sort(key=lambda e: (int(e["step"]), e["position"]))
     stages = _select(log, "SELECT * FROM stages WHERE run_id = {run} ORDER BY position", run_id)
     if not rollouts and not train and not evals:
         raise ReportError(
@@ -247,6 +258,7 @@ def _load(log: EventLog, source: str, run_id: str, label: str | None) -> RunData
         )  # fmt: skip
     for r in rollouts:
         row = steps.setdefault(int(r["step"]), StepRow(step=int(r["step"]), ts=_f(r["ts"])))
+        row.stage = row.stage or r["stage"]  # a step without a train step (every group had equal rewards)
         calls, pos_calls = _f(r["calls"]) or 0.0, _f(r["pos_calls"]) or 0.0
         row.n_trajectories = int(r["n"])
         row.n_positive = int(r["n_pos"] or 0)
@@ -257,11 +269,13 @@ def _load(log: EventLog, source: str, run_id: str, label: str | None) -> RunData
         row.tool_error_rate_pos = (_f(r["pos_errors"]) or 0.0) / pos_calls if pos_calls else None
     ordered = [steps[s] for s in sorted(steps)]
 
-    # A StageStarted precedes its stage's first TrainStepCompleted in the log.
+    # A StageStarted precedes its stage's first training rollout and first TrainStepCompleted
+    # in the log (an RL step whose groups all had equal rewards has rollouts but no train step).
     stage_infos = []
     for s in stages:
-        first = next((t for t in train if t["position"] > s["position"]), None)  # train is in log order
-        start = int(first["step"]) if first is not None else (ordered[-1].step + 1 if ordered else 1)
+        firsts = [int(t["step"]) for t in train if t["position"] > s["position"]][:1]  # train is in log order
+        firsts += [int(r["step"]) for r in rollouts if r["position"] > s["position"] and r["stage"] == s["stage"]][:1]
+        start = min(firsts) if firsts else (ordered[-1].step + 1 if ordered else 1)
         stage_infos.append(
             StageInfo(
                 name=s["stage"], index=int(s["stage_index"]), kind=s["kind"], steps=int(s["steps"]),
@@ -328,17 +342,45 @@ def summarize(run: RunData, max_step: int | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- figure
+#
+# A long SFT stage (the demo: 150 steps) would squeeze a short RL stage into a sliver of a
+# shared step axis, so the RL panels count RL steps only (1 = the first RL step of the run,
+# whatever the SFT length; runs with different SFT lengths line up at the same RL step
+# count) and SFT gets its own panel over SFT steps. An evaluation is placed after the RL
+# steps done before it: the one after SFT sits at RL step 0, in the shaded SFT band.
 
-#: (title, y label, StepRow attribute, kind of steps, y range hint) of the simple panels.
-_LINE_PANELS = [
-    ("Mean reward (training rollouts)", "reward", "reward", None, (0.0, 1.0)),
-    ("Response length", "tokens", "response_len", None, None),
-    ("Tool calls per trajectory", "calls", "tool_calls", None, None),
-    ("Tool-error rate, positive trajectories", "failed / calls", "tool_error_rate_pos", None, (0.0, None)),
-    ("Tool-error rate, all trajectories", "failed / calls", "tool_error_rate", None, (0.0, None)),
-]
+#: (title, y label, StepRow attribute, y range hint) of the simple RL panels, in grid order.
+_RL_PANELS = {
+    "reward": ("Mean reward (training rollouts)", "reward", (-0.02, 1.02)),
+    "tool_error_rate_pos": ("Tool-error rate, positive trajectories", "failed calls / calls", (0.0, None)),
+    "tool_error_rate": ("Tool-error rate, all trajectories", "failed calls / calls", (0.0, None)),
+    "tool_calls": ("Tool calls per trajectory", "calls", (0.0, None)),
+    "response_len": ("Response length", "tokens (model + tool)", (0.0, None)),
+    "loss": ("Policy loss", "loss", None),
+}
+#: What an empty RL panel means.
+_EMPTY = {"tool_error_rate_pos": "no correct trajectory made a tool call", "loss": "no RL optimizer step yet"}
+#: Grid order: the ablation's figures first.
+_GRID = ["reward", "eval", "tool_error_rate_pos", "tool_error_rate", "tool_calls", "response_len", "clip", "loss", "sft"]
 _CLIP_STYLES = {"clip_frac_low": "-", "clip_frac_high": "--", "clip_frac_dual": ":"}
 _DATASET_MARKERS = "osD^vP*X"
+_SFT_COLOR = "#f2e6c9"
+
+
+def rl_positions(run: RunData) -> dict[int, int]:
+    """Global step -> RL step (1-based) of every RL step of ``run`` (rollouts of an unfinished step count)."""
+    return {r.step: i for i, r in enumerate(_rl_steps(run), start=1)}
+
+
+def _rl_x(run: RunData, step: int) -> float:
+    """Where global ``step`` falls on the RL-step axis: the number of RL steps done by then."""
+    return float(sum(1 for s in rl_positions(run) if s <= step))
+
+
+def _rl_series(run: RunData, attr: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = _rl_steps(run)
+    y = np.array([np.nan if getattr(r, attr) is None else float(getattr(r, attr)) for r in rows], dtype=float)
+    return np.arange(1, len(rows) + 1, dtype=float), y
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -356,12 +398,12 @@ def _curve(ax: Any, x: np.ndarray, y: np.ndarray, color: Any, **kw: Any) -> bool
     ok = np.isfinite(y)
     if not ok.any():
         return False
-    x, y = x[ok], y[ok]  # connect across unmeasured steps (e.g. SFT steps inside an RL curve)
+    x, y = x[ok], y[ok]  # connect across unmeasured steps (e.g. a step without a correct trajectory)
     if len(x) > SMOOTH_ABOVE:
         ax.plot(x, y, color=color, lw=0.7, alpha=0.3, **kw)
-        ax.plot(x, _smooth(y, max(3, len(x) // 25)), color=color, lw=1.6, alpha=0.9, **kw)
+        ax.plot(x, _smooth(y, max(3, len(x) // 25)), color=color, lw=1.8, alpha=0.95, **kw)
     else:
-        ax.plot(x, y, color=color, lw=1.4, marker="o", ms=2.5, alpha=0.9, **kw)
+        ax.plot(x, y, color=color, lw=1.6, marker="o", ms=3.5, alpha=0.9, **kw)
     return True
 
 
@@ -369,68 +411,83 @@ def _no_data(ax: Any, what: str = "not logged") -> None:
     ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.55", fontsize=9)
 
 
-def _decorate(ax: Any, runs: list[RunData], colors: list[Any]) -> None:
-    """SFT shading and stage-start lines (grey when every run agrees, else in run colours)."""
+def _decorate_rl(ax: Any, runs: list[RunData], colors: list[Any], x_lo: float) -> None:
+    """The SFT band left of RL step 1 and the RL stage starts (grey when every run agrees, else in run colours)."""
     from matplotlib.transforms import blended_transform_factory
 
-    for run in runs:
-        sft = [r.step for r in run.steps if r.kind == "sft"]
-        if sft:
-            ax.axvspan(min(sft) - 0.5, max(sft) + 0.5, color="#f2e6c9", alpha=0.55 / len(runs), lw=0, zorder=0)
-    per_run = [{(s.start_step, s.name) for s in run.stages} for run in runs]
+    if any(r.kind == "sft" for run in runs for r in run.steps):
+        ax.axvspan(x_lo, 0.5, color=_SFT_COLOR, alpha=0.6, lw=0, zorder=0)
+    per_run = [{(_rl_x(run, s.start_step - 1) + 0.5, s.name) for s in run.stages if s.kind == "rl"} for run in runs]
     shared = set.intersection(*per_run) if per_run else set()
     trans = blended_transform_factory(ax.transData, ax.transAxes)
-    drawn: set[tuple[int, str]] = set()
-    for run, color, marks in zip(runs, colors, per_run):
-        for start, name in sorted(marks):
-            if (start, name) in drawn:
+    drawn: set[tuple[float, str]] = set()
+    for color, marks in zip(colors, per_run):
+        for x, name in sorted(marks):
+            if (x, name) in drawn:
                 continue
-            drawn.add((start, name))
-            c = "0.45" if (start, name) in shared else color
-            ax.axvline(start - 0.5, color=c, ls="--", lw=0.8, zorder=1)
-            ax.text(start - 0.5, 0.98, name, transform=trans, rotation=90, ha="left", va="top", fontsize=7,
+            drawn.add((x, name))
+            c = "0.45" if (x, name) in shared else color
+            ax.axvline(x, color=c, ls="--", lw=0.9, zorder=1)
+            ax.text(x, 0.985, f" {name}", transform=trans, ha="left", va="top", fontsize=8,
                     color=c, zorder=3, clip_on=True,
                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})  # fmt: skip
 
 
-def _eval_panel(ax: Any, runs: list[RunData], colors: list[Any]) -> None:
+def _eval_panel(ax: Any, runs: list[RunData], colors: list[Any]) -> bool:
+    """Held-out avg pass@1 on the RL-step axis; ``reckon eval`` results as hollow markers. False if none."""
     datasets = list(dict.fromkeys(e["dataset"] for run in runs for e in run.evals))
     if not datasets:
         _no_data(ax, "no evaluations logged")
-        return
+        return False
+    standalone = False
     for run, color in zip(runs, colors):
         for d, dataset in enumerate(datasets):
-            pts = [e for e in run.evals if e["dataset"] == dataset]
-            if pts:
-                ax.plot([e["step"] for e in pts], [_f(e["pass_at_1"]) for e in pts], color=color, lw=1.4,
-                        alpha=0.9, marker=_DATASET_MARKERS[d % len(_DATASET_MARKERS)], ms=4.5)  # fmt: skip
+            marker = _DATASET_MARKERS[d % len(_DATASET_MARKERS)]
+            pts = [e for e in run.evals if e["dataset"] == dataset and _f(e["pass_at_1"]) is not None]
+            sched = [e for e in pts if e.get("source") != "eval"]
+            mine = [e for e in pts if e.get("source") == "eval"]
+            if sched:
+                ax.plot([_rl_x(run, int(e["step"])) for e in sched], [_f(e["pass_at_1"]) for e in sched], color=color,
+                        lw=1.6, alpha=0.9, marker=marker, ms=5)  # fmt: skip
+            if mine:
+                standalone = True
+                ax.plot([_rl_x(run, int(e["step"])) for e in mine], [_f(e["pass_at_1"]) for e in mine], ls="none",
+                        marker=marker, ms=8, mfc="none", mec=color, mew=1.5)  # fmt: skip
     ax.set_ylim(-0.02, 1.02)
+    from matplotlib.lines import Line2D
+
+    handles, labels = [], []
     if len(datasets) > 1:
-        from matplotlib.lines import Line2D
+        handles += [Line2D([], [], color="0.3", marker=_DATASET_MARKERS[d % len(_DATASET_MARKERS)], ls="none")
+                    for d in range(len(datasets))]  # fmt: skip
+        labels += datasets
+    if standalone:
+        handles.append(Line2D([], [], color="0.3", marker="o", mfc="none", ms=7, ls="none"))
+        labels.append("reckon eval")
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="best", framealpha=0.8)
+    if len(datasets) == 1:
+        ax.set_title(f"Held-out accuracy: avg pass@1 on {datasets[0]}", fontsize=10.5)
+    return True
 
-        handles = [Line2D([], [], color="0.3", marker=_DATASET_MARKERS[d % len(_DATASET_MARKERS)], ls="none")
-                   for d in range(len(datasets))]  # fmt: skip
-        ax.legend(handles, datasets, fontsize=7, loc="lower right", frameon=False)
-    else:
-        ax.set_title(f"Held-out accuracy ({datasets[0]})", fontsize=10)
 
-
-def _clip_panel(ax: Any, runs: list[RunData], colors: list[Any]) -> None:
+def _clip_panel(ax: Any, runs: list[RunData], colors: list[Any]) -> bool:
     from matplotlib.lines import Line2D
 
     shown = []
     for attr, style in _CLIP_STYLES.items():
         drew = False
         for run, color in zip(runs, colors):
-            drew |= _curve(ax, *run.series(attr, kind="rl"), color, ls=style)
+            drew |= _curve(ax, *_rl_series(run, attr), color, ls=style)
         if drew:
             shown.append(attr)
     if not shown:
-        _no_data(ax)
-        return
+        _no_data(ax, "no RL optimizer step yet")
+        return False
     ax.set_ylim(bottom=0)
     handles = [Line2D([], [], color="0.3", ls=_CLIP_STYLES[a]) for a in shown]
     ax.legend(handles, [a.removeprefix("clip_frac_") for a in shown], fontsize=7, loc="best", framealpha=0.8)
+    return True
 
 
 def run_colors(n: int) -> list[tuple[float, float, float, float]]:
@@ -441,7 +498,11 @@ def run_colors(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def render_png(runs: list[RunData], path: Path) -> None:
-    """Draw the panel grid of ``runs`` (one colour each, same axes) to ``path``."""
+    """Draw the panel grid of ``runs`` (one colour each, same axes) to ``path``.
+
+    RL panels share an RL-step axis (see the section comment); the SFT loss has its own
+    panel over SFT steps.
+    """
     # A bare Figure (no pyplot): no global backend or figure registry; savefig renders with Agg.
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -449,65 +510,85 @@ def render_png(runs: list[RunData], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     colors = run_colors(len(runs))
-    has_sft = any(r.kind == "sft" for run in runs for r in run.steps)
-    panels: list[tuple[str, str, Any]] = [(t, yl, (attr, kind, yr)) for t, yl, attr, kind, yr in _LINE_PANELS]
-    panels.insert(1, ("Held-out accuracy (avg pass@1)", "pass@1", "eval"))
-    panels.append(("PPO clip fractions (RL steps)", "fraction of tokens", "clip"))
-    panels.append(("Policy loss (RL steps)", "loss", ("loss", "rl", None)))
-    if has_sft:
-        panels.append(("SFT loss (SFT steps)", "loss", ("loss", "sft", None)))
+    n_sft = [sum(1 for r in run.steps if r.kind == "sft") for run in runs]
+    has_sft = any(n_sft)
+    n_rl = max((len(_rl_steps(run)) for run in runs), default=0)
+    grid = [g for g in _GRID if g != "sft" or has_sft]
     ncols = 3
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.1 * nrows + 0.7), layout="constrained")
+    nrows = math.ceil(len(grid) / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.3 * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     flat = axes.ravel()
-    for ax, (title, ylabel, what) in zip(flat, panels):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
+    eval_x = [_rl_x(run, int(e["step"])) for run in runs for e in run.evals]
+    x_lo = min([0.5, *eval_x]) - 0.6  # room for the SFT band (and an evaluation at RL step 0)
+    x_hi = max([1.0, float(n_rl), *eval_x]) + 0.5
+    no_update = False
+    sft_word = f"{n_sft[0]} SFT steps" if len(set(n_sft)) == 1 else "SFT"
+    for ax, what in zip(flat, grid):
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.25, lw=0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if what != ("loss", "sft", None):  # that panel shows SFT steps only: nothing to mark
-            _decorate(ax, runs, colors)
-        if what == "eval":
-            _eval_panel(ax, runs, colors)
-        elif what == "clip":
-            _clip_panel(ax, runs, colors)
-        else:
-            attr, kind, yrange = what
-            drew = [_curve(ax, *run.series(attr, kind), color) for run, color in zip(runs, colors)]
+        if what == "sft":
+            ax.set_title("SFT loss (SFT steps)", fontsize=10.5)
+            ax.set_xlabel("SFT step", fontsize=8.5)
+            ax.set_ylabel("loss", fontsize=8.5)
+            drew = [_curve(ax, *run.series("loss", "sft"), c) for run, c in zip(runs, colors)]
+            sft_steps = [r.step for run in runs for r in run.steps if r.kind == "sft"]
+            ax.set_xlim(min(sft_steps) - 0.5, max(sft_steps) + 0.5)
             if not any(drew):
                 _no_data(ax)
-            elif yrange is not None:
-                ax.set_ylim(*yrange) if yrange[1] is not None else ax.set_ylim(bottom=yrange[0])
-    for ax in flat[len(panels) :]:
+            continue
+        ax.set_xlabel("RL step" + (f" (after {sft_word}, shaded)" if has_sft else ""), fontsize=8.5)
+        _decorate_rl(ax, runs, colors, x_lo)
+        ax.set_xlim(x_lo, x_hi)
+        if what == "eval":
+            ax.set_title("Held-out accuracy (avg pass@1)", fontsize=10.5)
+            ax.set_ylabel("avg pass@1", fontsize=8.5)
+            _eval_panel(ax, runs, colors)
+            continue
+        if not n_rl:
+            ax.set_title(_RL_PANELS.get(what, ("PPO clip fractions",))[0], fontsize=10.5)
+            _no_data(ax, "no RL steps yet")
+            continue
+        if what == "clip":
+            ax.set_title("PPO clip fractions", fontsize=10.5)
+            ax.set_ylabel("fraction of tokens", fontsize=8.5)
+            _clip_panel(ax, runs, colors)
+            continue
+        title, ylabel, yrange = _RL_PANELS[what]
+        ax.set_title(title, fontsize=10.5, fontweight="bold" if what == "tool_error_rate_pos" and len(runs) > 1 else None)
+        ax.set_ylabel(ylabel, fontsize=8.5)
+        drew = [_curve(ax, *_rl_series(run, what), color) for run, color in zip(runs, colors)]
+        if what == "reward":  # RL steps without an optimizer step: every group had equal rewards (or still running)
+            for run, color in zip(runs, colors):
+                skipped = [(i, r.reward) for i, r in enumerate(_rl_steps(run), 1) if r.kind is None and r.reward is not None]
+                if skipped:
+                    no_update = True
+                    ax.plot(*zip(*skipped), ls="none", marker="o", ms=9, mfc="none", mec=color, mew=1.3)
+        if not any(drew):
+            _no_data(ax, _EMPTY.get(what, "not logged"))
+        elif yrange is not None:
+            ax.set_ylim(*yrange) if yrange[1] is not None else ax.set_ylim(bottom=yrange[0])
+    for ax in flat[len(grid) :]:
         ax.set_visible(False)
-    # Every panel spans the whole run(s), so panels line up by step; the SFT loss panel
-    # spans the SFT steps only (it would be a sliver of a long RL run otherwise).
-    all_steps = [r.step for run in runs for r in run.steps] + [s.start_step for run in runs for s in run.stages]
-    all_steps += [int(e["step"]) for run in runs for e in run.evals]  # e.g. a baseline eval at step 0
-    sft_steps = [r.step for run in runs for r in run.steps if r.kind == "sft"]
-    for ax, (_, _, what) in zip(flat, panels):
-        span = sft_steps if what == ("loss", "sft", None) else all_steps
-        if span:
-            lo, hi = min(span) - 0.5, max(span) + 0.5
-            ax.set_xlim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
 
-    handles: list[Any] = [Line2D([], [], color=c, lw=2) for c in colors]
+    handles: list[Any] = [Line2D([], [], color=c, lw=2.5) for c in colors]
     labels = [run.label for run in runs]
     if has_sft:
-        handles.append(Patch(color="#f2e6c9"))
-        labels.append("SFT steps")
-    if any(run.stages for run in runs):
-        handles.append(Line2D([], [], color="0.45", ls="--", lw=0.8))
-        labels.append("stage start")
+        handles.append(Patch(color=_SFT_COLOR))
+        labels.append("SFT (before RL step 1)")
+    if any(s.kind == "rl" for run in runs for s in run.stages):
+        handles.append(Line2D([], [], color="0.45", ls="--", lw=0.9))
+        labels.append("RL stage start")
+    if no_update:
+        handles.append(Line2D([], [], ls="none", marker="o", ms=8, mfc="none", mec="0.3"))
+        labels.append("no update: all groups equal")
     title = runs[0].label if len(runs) == 1 else " vs ".join(run.label for run in runs)
     # The figure title is the legend's title: constrained layout reserves room for an
     # "outside" legend but not for a suptitle above it, which would overlap.
-    fig.legend(handles, labels, loc="outside upper center", ncol=min(len(handles), 6), fontsize=9, frameon=False,
-               title=f"reckon report: {title}", title_fontsize=13)  # fmt: skip
-    fig.get_layout_engine().set(h_pad=0.06, w_pad=0.08, hspace=0.04, wspace=0.03)
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(len(handles), 6), fontsize=10, frameon=False,
+               title=f"reckon report: {title}", title_fontsize=14)  # fmt: skip
+    fig.get_layout_engine().set(h_pad=0.06, w_pad=0.08, hspace=0.05, wspace=0.04)
     fig.savefig(path, dpi=110, format="png")
 
 
@@ -615,11 +696,15 @@ step {{ common }}, the last one every run reached (the curves and tables show ev
 {% endfor %}
 
 <h2>Held-out evaluations</h2>
-{% if evals %}<table><tr><th class="l">run</th><th class="l">dataset</th><th>step</th><th>weights</th><th>k</th>
-<th>temperature</th><th>problems</th><th>avg pass@1</th><th>mean response tokens</th><th>mean tool calls</th></tr>
-{% for label, e in evals %}<tr><td class="l">{{ label }}</td><td class="l">{{ e.dataset }}</td><td>{{ e.step }}</td>
-<td>{{ e.weights_version }}</td><td>{{ e.k }}</td><td>{{ e.temperature | num(2) }}</td><td>{{ e.n_problems }}</td>
-<td><b>{{ e.pass_at_1 | num }}</b></td><td>{{ e.mean_response_tokens | num(1) }}</td><td>{{ e.mean_tool_calls | num(2) }}</td></tr>
+{% if evals %}<table><tr><th class="l">run</th><th class="l">dataset</th><th class="l">by</th><th>step</th>
+<th>RL step</th><th>weights</th><th>k</th><th>temperature</th><th>max tokens / turns</th><th>problems</th>
+<th>avg pass@1</th><th>mean response tokens</th><th>tool calls / traj</th><th>tool-err (all)</th></tr>
+{% for label, e, rl_x in evals %}<tr><td class="l">{{ label }}</td><td class="l">{{ e.dataset }}</td>
+<td class="l">{{ "reckon eval" if e.source == "eval" else e.source }}</td><td>{{ e.step }}</td><td>{{ rl_x | int }}</td>
+<td>{{ e.weights_version }}</td><td>{{ e.k }}</td><td>{{ e.temperature | num(2) }}</td>
+<td>{% if e.max_tokens %}{{ e.max_tokens }} / {{ e.max_turns }}{% else %}–{% endif %}</td><td>{{ e.n_problems }}</td>
+<td><b>{{ e.pass_at_1 | num }}</b></td><td>{{ e.mean_response_tokens | num(1) }}</td><td>{{ e.mean_tool_calls | num(2) }}</td>
+<td>{{ e.tool_error_rate | num }}</td></tr>
 {% endfor %}</table>{% else %}<p class="muted">No EvalCompleted events in these runs.</p>{% endif %}
 
 <h2>Per-step numbers</h2>
@@ -672,7 +757,7 @@ def render_html(runs: list[RunData], png: bytes, path: Path) -> None:
         summary=[(run, summarize(run, common), c) for run, c in zip(runs, colors)],
         common=common,
         config_rows=config_rows,
-        evals=[(run.label, e) for run in runs for e in run.evals],
+        evals=[(run.label, e, _rl_x(run, int(e["step"]))) for run in runs for e in run.evals],
     )
     path.write_text(html, encoding="utf-8")
 

@@ -29,6 +29,7 @@ from store.report import (
     common_last_step,
     load_run,
     report_command,
+    rl_positions,
     summarize,
 )
 from store.testing import Emitter, synthetic_run, trajectory
@@ -277,6 +278,41 @@ def test_cli(runs, tmp_path) -> None:
     assert "RoC: 9 RL steps up to step 13;" in out.stdout and f"png: {tmp_path / PNG_NAME}" in out.stdout
     out = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert out.exit_code == 1 and "nope: no such run directory" in out.output
+
+
+def test_rl_step_axis_and_steps_without_an_update(tmp_path) -> None:
+    """RL panels count RL steps; a stage whose first step trained nothing still starts there."""
+    envs = [e for e in recipe_run("gap", sft_steps=4, rl_steps=(3, 2))
+            if not (e.type == "TrainStepCompleted" and e.payload.step in (5, 8))]  # fmt: skip
+    run = load_run(str(_write(tmp_path / "gap", envs)))
+    assert rl_positions(run) == {5: 1, 6: 2, 7: 3, 8: 4, 9: 5}
+    assert [(s.name, s.start_step) for s in run.stages] == [("sft", 1), ("rl1", 5), ("rl2", 8)]
+    no_update = [r for r in run.steps if r.step in (5, 8)]
+    assert [(r.kind, r.stage, r.n_trajectories) for r in no_update] == [(None, "rl1", 8), (None, "rl2", 8)]
+    s = summarize(run)
+    assert s["rl_steps"] == 5
+    paths = build_report([str(tmp_path / "gap")], str(tmp_path / "out"))
+    assert Path(paths["png"]).stat().st_size > 50_000
+
+
+def test_standalone_evaluations_are_reported(runs, tmp_path) -> None:
+    """EvalCompleted from ``reckon eval`` (source "eval", with its tool-error rate) joins the scheduler's."""
+    from store.testing import Emitter
+
+    roc, _ = runs
+    db = tmp_path / "with_eval.db"
+    with EventLog.open(roc, readonly=True) as src, EventLog.open(db) as dst:
+        dst.append([env for _, env in src.read()])
+        dst.append([Emitter("roc-run")("eval", EvalCompleted(
+            dataset="demo-eval", step=7, weights_version=7, k=16, temperature=0.6, pass_at_1=0.375, n_problems=8,
+            mean_response_tokens=80.0, mean_tool_calls=1.5, tool_error_rate=0.125, max_tokens=224, max_turns=3,
+            model="runs/x/weights/v00007"))])  # fmt: skip
+    run = load_run(str(db))
+    assert [(e["step"], e["source"]) for e in run.evals] == [(4, "scheduler"), (7, "eval"), (10, "scheduler"),
+                                                              (13, "scheduler")]  # fmt: skip
+    assert run.evals[1]["tool_error_rate"] == 0.125 and run.evals[0]["tool_error_rate"] is None
+    html = Path(build_report([str(db)], str(tmp_path / "out"))["html"]).read_text()
+    assert "reckon eval" in html and "224 / 3" in html and "0.125" in html
 
 
 @pytest.mark.postgres
