@@ -1,7 +1,8 @@
 """CurveZMQ for reckon (``network.curve = true``): per-run keys and a trio ZAP authenticator.
 
 Every actor of a run has one CURVE key pair in ``RUN_DIR/keys/``, made by the launcher
-(:func:`generate_keys`) before any actor starts:
+(:func:`generate_keys`) before any actor starts, or, for actors started alone (``reckon
+actor`` on a cluster), once by ``python -m protocol.curve CONFIG [--set K=V ...]``:
 
 * ``NAME.public``: the actor's public key (Z85 text, 40 characters);
 * ``NAME.secret``: its secret key (Z85 text), mode 0600; the directory is 0700.
@@ -90,8 +91,8 @@ def _read_key(path: Path, *, secret: bool) -> bytes:
         text = path.read_bytes().strip()
     except FileNotFoundError:
         raise CurveError(
-            f"network.curve is on but {path} does not exist (the launcher makes the run's keys: "
-            "protocol.curve.generate_keys)"
+            f"network.curve is on but {path} does not exist (`reckon run` makes the run's keys; for actors "
+            "started alone, make them once with `python -m protocol.curve CONFIG`)"
         ) from None
     if len(text) != 40:
         raise CurveError(f"{path}: expected a 40-character Z85 CURVE key, found {len(text)} bytes")
@@ -195,3 +196,30 @@ class ZapAuthenticator:
         self._pump.closed = True
         self._pump.kick()
         self.sock.close(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m protocol.curve CONFIG [--set K=V ...]``: make the run's keys (idempotent)."""
+    import argparse
+
+    from actors.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m protocol.curve", description=main.__doc__)
+    ap.add_argument("config", help="the run's config (TOML or config.json) with run.run_dir set")
+    ap.add_argument("--set", action="append", default=[], metavar="K=V", help="config override")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.set)
+    except ConfigError as e:
+        print(e)
+        return 2
+    if not cfg.run.run_dir:
+        print("run.run_dir is empty: the keys go to RUN_DIR/keys")
+        return 2
+    d = generate_keys(cfg.run.run_dir, cfg.actor_names())
+    print(f"CURVE keys of {len(cfg.actor_names())} actors in {d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

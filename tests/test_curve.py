@@ -153,3 +153,29 @@ def test_actors_use_the_run_keys_when_curve_is_on(tmp_path):
         zsch.destroy(0)
 
     trio.run(main)
+
+
+def test_the_launcher_makes_the_run_keys_when_curve_is_on(tmp_path):
+    from actors.launcher import prepare_run
+
+    cfg = Config.model_validate({"run": {"run_dir": str(tmp_path / "run")}, "model": {"path": str(tmp_path)},
+                                 "network": {"curve": True}})
+    cfg = prepare_run(cfg)
+    names = cfg.actor_names()
+    assert sorted(load_public_keys(cfg.run.run_dir).values()) == sorted(names)
+    for name in names:
+        load_keypair(cfg.run.run_dir, name)  # present, well-formed, private
+    off = prepare_run(Config.model_validate({"run": {"run_dir": str(tmp_path / "off")}, "model": {"path": str(tmp_path)}}))
+    assert not keys_dir(off.run.run_dir).exists()
+
+
+def test_keys_for_actors_started_alone_come_from_one_command(tmp_path, capsys):
+    from protocol.curve import main
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[run]\nrun_dir = "{tmp_path / "run"}"\n[network]\ncurve = true\n')
+    assert main([str(cfg), "--set", "generator.count=2"]) == 0
+    assert "CURVE keys of 7 actors" in capsys.readouterr().out
+    assert {"generator-0", "generator-1"} <= set(load_public_keys(tmp_path / "run").values())
+    (tmp_path / "norun.toml").write_text("[network]\ncurve = true\n")
+    assert main([str(tmp_path / "norun.toml")]) == 2
