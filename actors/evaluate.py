@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -401,6 +402,7 @@ def eval_command(
 
     Example: reckon eval runs/demo-20260101-120000 --k 4
     """
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the results, not the engine's start-up log
     if engine is not None and engine not in ("auto", "vllm", "hf"):
         _fail(f"--engine {engine!r}: choose auto, vllm or hf")
     try:

@@ -408,7 +408,8 @@ def _curve(ax: Any, x: np.ndarray, y: np.ndarray, color: Any, **kw: Any) -> bool
 
 
 def _no_data(ax: Any, what: str = "not logged") -> None:
-    ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.55", fontsize=9)
+    ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.45", fontsize=9, zorder=4,
+            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.85"})  # fmt: skip
 
 
 def _decorate_rl(ax: Any, runs: list[RunData], colors: list[Any], x_lo: float) -> None:
