@@ -242,17 +242,19 @@ def _envelope(wire: _WireEnvelope, event: Event) -> Envelope:
 # One zmq frame per burst and one msgspec call to decode it keep the per-event cost low.
 
 _ARRAY_MARKERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+#: Most frames in one burst (links send at most 512); a larger array is refused unread.
+MAX_BURST_FRAMES = 0xFFFF
 
 
 def burst(frames: list[bytes]) -> bytes:
     """Encoded frames -> one burst (a msgpack array of them; no re-encoding)."""
     n = len(frames)
+    if n > MAX_BURST_FRAMES:
+        raise EncodeError(f"a burst holds at most {MAX_BURST_FRAMES} frames, not {n}")
     if n < 16:
         head = bytes((0x90 | n,))
-    elif n < 0x10000:
-        head = b"\xdc" + n.to_bytes(2, "big")
     else:
-        head = b"\xdd" + n.to_bytes(4, "big")
+        head = b"\xdc" + n.to_bytes(2, "big")
     return head + b"".join(frames)
 
 
@@ -270,6 +272,9 @@ def decode_burst(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> tuple[list
             return [decode(data, max_bytes=max_bytes)], []
         except DecodeError as e:
             return [], [(str(e), len(data))]
+    if data[0] == 0xDD:
+        n = int.from_bytes(data[1:5], "big")
+        return [], [(f"burst of {n} frames exceeds the {MAX_BURST_FRAMES}-frame limit", len(data))]
     if len(data) <= max_bytes:  # every frame in it is under the cap: decode it in one call
         try:
             good = [_from_wire(w) for w in _burst_decoder.decode(data)]

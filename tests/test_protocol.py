@@ -231,6 +231,7 @@ def test_a_bad_frame_in_a_burst_spoils_nothing_around_it():
     assert decode_burst(encode(good[0]))[0][0].event_id == good[0].event_id  # a bare frame is a burst of one
     assert decode_burst(b"\x90")[1][0][0].startswith("empty burst")
     assert decode_burst(burst(frames)[:-5])[1][0][0].startswith("burst of")  # truncated: one rejection
+    assert decode_burst(b"\xdd\x00\x01\x00\x00")[1][0][0] == "burst of 65536 frames exceeds the 65535-frame limit"
     (reason, size), = decode_burst(burst([encode(good[0])]), max_bytes=20)[1]
     assert "exceeds the 20-byte cap" in reason and size == len(encode(good[0]))
 
