@@ -239,6 +239,21 @@ def _load(log: EventLog, source: str, run_id: str, label: str | None) -> RunData
         for pos, env in log.read(run_id=run_id, types=["EvalCompleted"])
     ]
     evals.sort(key=lambda e: (int(e["step"]), e["position"]))
+    # The scheduler's evaluations before tool_error_rate was logged: count it from their probe
+    # trajectories (stage "eval" at that step), when one dataset was evaluated there.
+    missing = [e for e in evals if e["tool_error_rate"] is None and e["source"] != "eval"]
+    if missing:
+        probe = {int(r["step"]): r for r in _select(
+            log, "SELECT step, SUM(n_tool_calls) AS calls, SUM(n_tool_errors) AS errors FROM trajectories "
+            "WHERE run_id = {run} AND stage = 'eval' GROUP BY step", run_id)}  # fmt: skip
+        per_step: dict[int, int] = {}
+        for e in evals:
+            if e["source"] != "eval":
+                per_step[int(e["step"])] = per_step.get(int(e["step"]), 0) + 1
+        for e in missing:
+            r = probe.get(int(e["step"]))
+            if r is not None and per_step[int(e["step"])] == 1 and (_f(r["calls"]) or 0) > 0:
+                e["tool_error_rate"] = (_f(r["errors"]) or 0.0) / _f(r["calls"])
     stages = _select(log, "SELECT * FROM stages WHERE run_id = {run} ORDER BY position", run_id)
     if not rollouts and not train and not evals:
         raise ReportError(
