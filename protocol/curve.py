@@ -26,11 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import structlog
 import zmq
 from zmq.utils import z85
-
-log = structlog.get_logger("reckon.curve")
 
 KEYS_DIR = "keys"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"

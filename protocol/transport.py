@@ -227,12 +227,12 @@ class Inbox:
         # A burst holds up to Link.BATCH_BYTES of frames, or one frame up to the cap.
         self.sock.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, Link.BATCH_BYTES) + 64 * 1024)
         if curve_server_key is not None:
-            from protocol.curve import require_authenticator
+            from protocol.curve import ZAP_DOMAIN, require_authenticator
 
             require_authenticator(ctx)  # without one, libzmq admits any client key
             self.sock.curve_server = True
             self.sock.curve_secretkey = curve_server_key
-            self.sock.zap_domain = b"reckon"
+            self.sock.zap_domain = ZAP_DOMAIN
         self.curve = curve_server_key is not None
         # With CURVE, failed handshakes (plain text, forged keys, refused keys) are logged.
         self.refusals = RejectLog("connection refused", inbox=address)
