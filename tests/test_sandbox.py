@@ -36,6 +36,11 @@ def test_stdout_and_final_expression(tp):
     ("def f():\n    return 3\nf()", "3\n"),
     ("import sympy\nsympy.factor(sympy.Symbol('x')**2 - 1)", "(x - 1)*(x + 1)\n"),
     ("", ""),
+    ("x = 1; x", "1\n"),                   # the source split cannot settle these two:
+    ("x = (2 +\n3)\nx", "5\n"),             # the AST decides
+    ("print(\n1)", "1\n"),                  # an expression over several lines
+    ("s = '''\n2\n'''\nlen(s)", "3\n"),     # a column-0 line inside a string
+    ("if True:\n    7\n# done\n", ""),      # the last statement is the if
 ])
 def test_final_expression_printing(tp, code, stdout):
     r = tp.execute(code)
@@ -89,9 +94,15 @@ def test_memory_limit_per_call(tp):
 
 
 def test_calls_do_not_share_state(tp):
-    assert tp.execute("x = 5\nopen('f', 'w').write('1')").status == "ok"
-    r = tp.execute("import os\nprint('x' in globals(), os.listdir('.'))")
-    assert r.stdout == "False []\n"
+    # Sequential calls go round the slots, so with 2 slots the reading calls run on the same
+    # slots (and in the same, re-emptied temp dir) as the writing ones.
+    writes = [tp.execute("import os\nx = 5\nopen('f', 'w').write('1')\nos.getcwd()") for _ in range(2)]
+    reads = [tp.execute("import os\nprint('x' in globals(), os.listdir('.'), os.listdir(os.environ['HOME']))\n"
+                        "os.getcwd()") for _ in range(2)]
+    assert all(r.status == "ok" for r in writes + reads)
+    assert [r.stdout.splitlines()[0] for r in reads] == ["False [] []"] * 2
+    # the same two directories: each was emptied between its calls
+    assert {r.stdout.splitlines()[-1] for r in reads} == {r.stdout.strip() for r in writes}
 
 
 def test_rng_is_reseeded_per_call(tp):
@@ -130,7 +141,8 @@ def test_queueing_beyond_slots():
 
 def test_cancelled_call_replaces_its_slot():
     async def main():
-        async with SandboxPool(SandboxConfig(slots=1)) as pool:
+        async with SandboxPool(SandboxConfig(slots=1, huge_pages=False)) as pool:
+            assert pool.huge_pages_mb == 0
             with trio.move_on_after(0.5):
                 await pool.execute("import time; time.sleep(30)")
             r = await pool.execute("1 + 1")
@@ -189,3 +201,35 @@ def test_cli_exec_prints_one_json_line():
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["stdout"] == "1\n4\n"
+
+
+@pytest.mark.parametrize("code", [
+    "x = 1", "1 + 1", "print(1)\n", "def f():\n    return 3\nf()", "f(\n1)", "x = [1,\n2]\nx",
+    's = """\nabc\n"""\ns', 's = """\n1 + 1\n"""', 'print("""\na\n""")', "if x:\n    y\nelse:\n    z",
+    "x\n# c\n\n", "x = 1; x", "@dec\ndef f(): pass\nf", "x = 1 + \\\n2\nx", "  x = 1", "",
+    "from __future__ import annotations\nx", "x = (\n1)\n", "a = 1\r\nb = 2\r\na + b\r\n",
+    "class A:\n    pass\nA()", "x = '''\n'''\n'''\nhi'''", "f(1,\n  2,\n3)", "x = 1 if y \\\nelse 2",
+    "x = 1\n  y = 2", "def f(:\n", "'doc'", "x = 'a;b'\nx",
+])
+def test_compile_fast_path_matches_the_ast(code):
+    """The call child's source-split compile gives the AST path's bytecode, or its error."""
+    import ast
+
+    from tools_sandbox._zygote import _compile_user_code
+
+    def same(a, b):
+        return (a is None) == (b is None) and (a is None or (
+            a.co_code == b.co_code and a.co_names == b.co_names and list(a.co_lines()) == list(b.co_lines())))
+
+    try:
+        tree = ast.parse(code, "<code>", "exec")
+    except SyntaxError:
+        with pytest.raises(SyntaxError):
+            _compile_user_code(code, "<code>")
+        return
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), "<code>", "eval", dont_inherit=True)
+    body = compile(tree, "<code>", "exec", dont_inherit=True)
+    got_body, got_last = _compile_user_code(code, "<code>")
+    assert same(got_body, body) and same(got_last, last)

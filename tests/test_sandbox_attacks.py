@@ -131,10 +131,13 @@ def test_reading_other_calls_files(tp):
 
         async def thief():
             await trio.sleep(0.5)
+            # every slot's temp dir by its real name (call-<slot>-<slot pid>), and guesses
+            dirs = results["dirs"] = [f"/tmp/call-{s.index}-{s.pid}" for s in pool._slots.values()]
             results["thief"] = await pool.execute(
+                f"dirs = {dirs!r}\n"
                 "import glob, os\nfound = []\n"
                 "try:\n    found += os.listdir('/tmp')\nexcept OSError as e:\n    print('listdir', e.errno)\n"
-                "for d in glob.glob('/tmp/*/secret') + [f'/tmp/call-{s}-{n}/secret' for s in range(4) for n in range(50)]:\n"
+                "for d in glob.glob('/tmp/*/secret') + [f'{d}/secret' for d in dirs] + [f'/tmp/call-{s}-{n}/secret' for s in range(4) for n in range(50)]:\n"
                 "    try:\n        found.append(open(d).read())\n    except OSError:\n        pass\n"
                 "print(found)")
 
@@ -145,6 +148,7 @@ def test_reading_other_calls_files(tp):
 
     results = tp.run(scenario)
     assert results["victim"].status == "ok"
+    assert results["victim"].stdout.strip() in results["dirs"]  # the thief knew where to look
     assert results["thief"].status == "ok" and "v1ct1m" not in results["thief"].stdout
     assert results["thief"].stdout.endswith("[]\n")
     check_contained(tp, results["thief"], "ok")

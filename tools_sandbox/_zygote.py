@@ -20,8 +20,9 @@ Wire formats:
   with the pool's end of a fresh socketpair attached (SCM_RIGHTS). The first packet the
   zygote sends is ``{"op": "hello", "pid": p, "features": {...}, "errors": {...}}``.
   EOF on the control socket makes the zygote kill its slots and exit.
-- slot socket (SOCK_STREAM): 4-byte big-endian length + JSON, one request then one reply.
-  Request: ``{"code", "stdin", "timeout_s", "memory_mb"}``; reply: the result dict of
+- slot socket (SOCK_STREAM): 4-byte big-endian length + ``marshal`` data (both ends are
+  ours; nothing of a call can reach this socket), one request then one reply. Request:
+  ``(code, stdin, timeout_s, memory_mb)``; reply: the result dict of
   ``tools_sandbox.result.ExecResult``.
 """
 
@@ -33,13 +34,17 @@ import errno
 import gc
 import importlib
 import json
+import marshal
 import os
+import random
+import resource
 import select
 import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 
 # Exit code the call child uses to say "MemoryError" (statuses are derived in the slot).
@@ -55,7 +60,9 @@ MS_REC, MS_PRIVATE = 0x4000, 0x40000
 MS_BIND, MS_MOVE = 0x1000, 0x2000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
 PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 38, 36
+PR_SET_NAME = 15
 SECCOMP_MODE_FILTER = 2
+MADV_COLLAPSE = 25
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}
@@ -93,8 +100,17 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _prctl(option: int, arg2: int = 0) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), f"prctl({option})")
+# A prctl of our own (not the cached _libc.prctl) with fixed argument types: a call child
+# makes four of these, and converting plain ints is cheaper than building ctypes objects.
+_prctl_fn = _libc["prctl"]
+_prctl_fn.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl_fn.restype = ctypes.c_int
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    if _prctl_fn(option, arg2, arg3, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 # ----------------------------------------------------------------------------- seccomp
@@ -327,11 +343,41 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
     step("private_tmp", lambda: _private_tmp(opts, paths))
 
 
+def collapse_huge_pages() -> int:
+    """Back the warm heap with transparent huge pages (MADV_COLLAPSE, Linux >= 6.1); returns MiB.
+
+    A fork copies one page-table entry per 4 KiB page, and an exit frees them again: for a
+    numpy+sympy image that is most of the cost of a call. A 2 MiB huge page is one entry.
+    Only memory that exists now is collapsed (no MADV_HUGEPAGE, so later faults stay 4 KiB),
+    and a child's first write to a huge page splits its mapping and copies 4 KiB, as usual.
+    Best effort: returns 0 where the kernel cannot do it.
+    """
+    huge = 2 << 20
+    done = 0
+    madvise = _libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split()
+        path = fields[5] if len(fields) > 5 else ""
+        if fields[1][:2] != "rw" or fields[1][3] != "p" or path not in ("", "[heap]"):
+            continue
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        lo, hi = (lo + huge - 1) & ~(huge - 1), hi & ~(huge - 1)
+        if hi > lo and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            done += hi - lo
+    return done >> 20
+
+
 # ----------------------------------------------------------------------------- framing
 
 
-def send_frame(sock: socket.socket, obj: dict) -> None:
-    data = json.dumps(obj).encode()
+def send_frame(sock: socket.socket, obj) -> None:
+    data = marshal.dumps(obj)
     sock.sendall(struct.pack(">I", len(data)) + data)
 
 
@@ -345,20 +391,59 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> dict | None:
+def recv_frame(sock: socket.socket):
     head = _recv_exact(sock, 4)
     if head is None:
         return None
     body = _recv_exact(sock, struct.unpack(">I", head)[0])
-    return None if body is None else json.loads(body)
+    return None if body is None else marshal.loads(body)
 
 
 # ----------------------------------------------------------------------------- call child
 
 
+def _compile_user_code(code: str, filename: str):
+    """Compile ``code`` into (module code, code of its final bare expression or None).
+
+    Fast path, from source: split at the last line that starts in column 0; if that tail
+    compiles as one expression and the head as statements, the tail is the final
+    expression statement (a split that cuts a statement apart cannot compile on both
+    sides). Anything the split cannot settle (a multi-line construct it cuts wrong, ``;``,
+    ``from __future__``, a syntax error) goes through the AST, which is always right but
+    builds Python objects for every node: several times slower in a fresh child.
+    """
+    lines = code.splitlines(True)
+    i = len(lines) - 1
+    while i >= 0 and (not lines[i].strip() or lines[i][0] in " \t#"):
+        i -= 1
+    if i >= 0 and "__future__" not in code:
+        tail = "\n" * i + "".join(lines[i:])
+        try:
+            last = compile(tail, filename, "eval", dont_inherit=True)
+            body = compile("".join(lines[:i]), filename, "exec", dont_inherit=True)
+            return body, last
+        except (SyntaxError, ValueError):
+            pass
+        # Not an expression: if the tail is one whole statement (it compiles alone, no ";"),
+        # there is no final expression. (Compiled whole, so even a wrong split could only
+        # lose the printing of a final value, never change what runs.)
+        if ";" not in tail:
+            try:
+                compile(tail, filename, "exec", dont_inherit=True)
+                return compile(code, filename, "exec", dont_inherit=True), None
+            except (SyntaxError, ValueError):
+                pass
+    import ast
+
+    tree = ast.parse(code, filename, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval", dont_inherit=True)
+    return compile(tree, filename, "exec", dont_inherit=True), last
+
+
 def _run_user_code(code: str) -> int:
     """Execute ``code`` as ``__main__``; print a final bare expression's repr. Returns exit code."""
-    import ast
     import builtins
     import linecache
     import traceback
@@ -368,13 +453,17 @@ def _run_user_code(code: str) -> int:
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        tree = ast.parse(code, filename, "exec")
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, filename, "exec"), namespace)
+        body, last = _compile_user_code(code, filename)
+    except BaseException as e:  # SyntaxError (like python does: no traceback), or no memory
+        try:
+            traceback.print_exception(type(e), e, None, file=sys.stderr)
+        except BaseException:
+            pass
+        return MEMORY_EXIT if isinstance(e, MemoryError) else 1
+    try:
+        exec(body, namespace)
         if last is not None:
-            value = eval(compile(last, filename, "eval"), namespace)
+            value = eval(last, namespace)
             if value is not None:
                 print(repr(value))
         return 0
@@ -395,19 +484,34 @@ def _run_user_code(code: str) -> int:
 
 
 def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
-           fds: tuple[int, int, int], req: dict, as_bytes: int) -> None:
-    """Become the confined call process and run the code; never returns."""
-    try:
-        import resource
+           fds: tuple[int, int, int], req_fd: int) -> None:
+    """Become the call process, wait for the call on ``req_fd``, confine itself, run it.
 
+    Forked ahead of time (fork-ahead): everything that does not depend on the request is
+    done before it arrives, while the process is still the slot's root and runs nothing
+    untrusted; the uid drop, rlimits, no_new_privs and seccomp come right after the
+    request is read and before the first line of its code. If the slot dies meanwhile,
+    the read sees EOF and the child exits. Never returns.
+    """
+    try:
         os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
-        os.closerange(3, 1 << 16)
+        os.closerange(3, req_fd)
+        os.closerange(req_fd + 1, 1 << 16)
         os.chdir(tmpdir)
         os.umask(0o077)
-        timeout = float(req["timeout_s"])
-        cpu = int(timeout) + 2
+        # The environment, tempfile.tempdir, sys.argv and fresh RNG seeds were set by the
+        # slot just before the fork (see _slot_main and _prepare).
+
+        # ---- wait for the call (the slot closes its end after writing it)
+        chunks = []
+        while chunk := os.read(req_fd, 1 << 20):
+            chunks.append(chunk)
+        os.close(req_fd)
+        if not chunks:  # the slot is shutting down
+            os._exit(0)
+        cpu, as_bytes, code = marshal.loads(b"".join(chunks))
         limits = [
             (resource.RLIMIT_CPU, cpu, cpu + 1),
             (resource.RLIMIT_FSIZE, cfg["max_file_bytes"], cfg["max_file_bytes"]),
@@ -431,21 +535,8 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         if features.get("no_new_privs"):
             _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if seccomp_prog is not None:
-            _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
-                               ctypes.byref(seccomp_prog), 0, 0), "seccomp filter")
-        os.environ.clear()
-        os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
-                           "LANG": "C.UTF-8"})
-        import tempfile
-        tempfile.tempdir = tmpdir
-        # Children of one zygote share its RNG states: reseed every generator we know of.
-        import random
-        seed = int.from_bytes(os.urandom(8), "little")
-        random.seed(seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(seed % (1 << 32))
-        sys.argv = ["<code>"]
-        code = _run_user_code(req["code"])
+            _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(seccomp_prog))
+        code = _run_user_code(code)
         if "threading" in sys.modules:  # like interpreter exit: wait for non-daemon threads
             threading = sys.modules["threading"]
             for thread in threading.enumerate():
@@ -479,12 +570,16 @@ def _children_of_self() -> list[int]:
 def _sweep(uid: int, features: dict) -> int:
     """Kill every process left by the call (all run as ``uid``, unique to this slot); reap them.
 
-    Returns how many leftover processes were found. With seccomp active a call cannot
-    create processes, so this is a safety net for insecure mode and for kernel surprises.
+    Called once the call's own process is reaped, so any child of ours now is a leftover.
+    Returns how many were found. With seccomp active a call cannot create processes, so
+    this is a safety net for insecure mode and for kernel surprises.
     """
+    try:  # the common case, in one syscall: no children at all
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return 0
     found = 0
     for _ in range(50):
-        left = _children_of_self()
         while True:  # reap whatever already died
             try:
                 pid, _st = os.waitpid(-1, os.WNOHANG)
@@ -514,36 +609,113 @@ def _sweep(uid: int, features: dict) -> int:
     return found
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 def _read_vm_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    fd = os.open("/proc/self/statm", os.O_RDONLY)
+    try:
+        return int(os.read(fd, 256).split()[0]) * _PAGE_SIZE
+    finally:
+        os.close(fd)
 
 
-def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq: int,
-              req: dict) -> dict:
-    """Fork one confined child for ``req``, supervise it, and return the result dict."""
-    timeout = float(req["timeout_s"])
-    cap = int(cfg["max_output_bytes"])
-    as_bytes = _read_vm_bytes() + int(req["memory_mb"]) * (1 << 20)
-    tmpdir = f"/tmp/call-{slot}-{seq}"
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    os.mkdir(tmpdir, 0o700)
+class _Prepared:
+    """A call child forked ahead of its request, and the slot's ends of its pipes."""
+
+    __slots__ = ("pid", "pidfd", "tmpdir", "vm_bytes", "in_w", "out_r", "err_r", "req_w")
+
+    def __init__(self, pid, pidfd, tmpdir, vm_bytes, in_w, out_r, err_r, req_w):
+        self.pid, self.pidfd, self.tmpdir, self.vm_bytes = pid, pidfd, tmpdir, vm_bytes
+        self.in_w, self.out_r, self.err_r, self.req_w = in_w, out_r, err_r, req_w
+
+
+def _reseed() -> None:
+    """Fresh seeds for every RNG we know of, from the kernel: called right before each call
+    child's fork, so no two calls (children of one zygote) share an RNG state."""
+    seed = int.from_bytes(os.urandom(8), "little")
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % (1 << 32))
+
+
+def _prepare(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str) -> _Prepared:
+    """Make the next call's (empty) temp dir and fork its child, which waits for the request."""
+    try:
+        os.mkdir(tmpdir, 0o700)
+    except FileExistsError:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.mkdir(tmpdir, 0o700)
     if features.get("uid_drop"):
         os.chown(tmpdir, uid, uid)
-    stdin_data = req.get("stdin", "").encode()
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
+    fds: list[int] = []
+    try:
+        for _ in range(4):
+            fds.extend(os.pipe())
+        in_r, in_w, out_r, out_w, err_r, err_w, req_r, req_w = fds
+        vm_bytes = _read_vm_bytes()  # the child's address space at the fork
+        _reseed()
+        pid = os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
     if pid == 0:
-        _child(cfg, features, seccomp_prog, uid, tmpdir, (in_r, out_w, err_w), req, as_bytes)
-    for fd in (in_r, out_w, err_w):
+        os.close(req_w)
+        _child(cfg, features, seccomp_prog, uid, tmpdir, (in_r, out_w, err_w), req_r)
+    for fd in (in_r, out_w, err_w, req_r):
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    bufs = {out_r: bytearray(), err_r: bytearray()}
     for fd in (in_w, out_r, err_r):
         os.set_blocking(fd, False)
+    return _Prepared(pid, os.pidfd_open(pid), tmpdir, vm_bytes, in_w, out_r, err_r, req_w)
+
+
+def _close(prep: _Prepared, *names: str) -> None:
+    """Close the named fds of ``prep`` once (marked -1 when closed)."""
+    for name in names:
+        fd = getattr(prep, name)
+        if fd >= 0:
+            setattr(prep, name, -1)
+            os.close(fd)
+
+
+def _discard(prep: _Prepared) -> None:
+    """Kill and reap a prepared child, whether or not it got its call (slot shutdown, or a
+    slot error mid-call); close our ends and remove its temp dir."""
+    _close(prep, "in_w", "out_r", "err_r", "req_w", "pidfd")
+    if prep.pid > 0:
+        pid, prep.pid = prep.pid, -1
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    shutil.rmtree(prep.tmpdir, ignore_errors=True)
+
+
+def _run_call(cfg: dict, features: dict, uid: int, prep: _Prepared, req: tuple) -> dict:
+    """Hand ``req`` = (code, stdin, timeout_s, memory_mb) to the prepared child, supervise
+    it, and return the result dict.
+
+    Returns only once the child is reaped, its leftovers killed and its temp dir removed.
+    """
+    code, stdin, timeout, memory_mb = req
+    timeout = float(timeout)
+    cap = int(cfg["max_output_bytes"])
+    as_bytes = prep.vm_bytes + int(memory_mb) * (1 << 20)
+    stdin_data = stdin.encode()
+    pid, pidfd, in_w, out_r, err_r = prep.pid, prep.pidfd, prep.in_w, prep.out_r, prep.err_r
+    start = time.monotonic()
+    data = memoryview(marshal.dumps((int(timeout) + 2, as_bytes, code)))
+    try:
+        while data:  # a request bigger than the pipe is read by the child while we write
+            data = data[os.write(prep.req_w, data):]
+    except BrokenPipeError:  # the child died before its call (its stderr says why)
+        pass
+    finally:
+        _close(prep, "req_w")
+    bufs = {out_r: bytearray(), err_r: bytearray()}
     poller = select.poll()
     poller.register(out_r, select.POLLIN)
     poller.register(err_r, select.POLLIN)
@@ -551,7 +723,7 @@ def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq:
     if stdin_data:
         poller.register(in_w, select.POLLOUT)
     else:
-        os.close(in_w)
+        _close(prep, "in_w")
         in_w = -1
     open_pipes = {out_r, err_r}
     reason = None  # why we killed it: "timeout" | "output_limit"
@@ -591,7 +763,7 @@ def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq:
                     stdin_data = b""
                 if not stdin_data:
                     poller.unregister(in_w)
-                    os.close(in_w)
+                    _close(prep, "in_w")
                     in_w = -1
             else:
                 read_pipe(fd)
@@ -602,6 +774,7 @@ def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq:
             except ProcessLookupError:
                 pass
     _, wstatus = os.waitpid(pid, 0)
+    prep.pid = -1
     duration = time.monotonic() - start
     # What the child wrote before exiting is already in the pipes: take it without waiting
     # for EOF, which a leftover process could hold back forever.
@@ -611,11 +784,12 @@ def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq:
             read_pipe(fd)
             if len(bufs[fd]) == before and fd in open_pipes:
                 break
-    for fd in (out_r, err_r, pidfd, in_w):
-        if fd >= 0:
-            os.close(fd)
+    _close(prep, "out_r", "err_r", "pidfd", "in_w")
     leftovers = _sweep(uid, features)
-    shutil.rmtree(tmpdir, ignore_errors=True)
+    try:
+        os.rmdir(prep.tmpdir)  # usually empty
+    except OSError:
+        shutil.rmtree(prep.tmpdir, ignore_errors=True)
 
     exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
     sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
@@ -642,21 +816,45 @@ def _run_call(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int, seq:
 
 def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
                sock: socket.socket) -> None:
-    """Serve calls on ``sock`` until the pool closes it; never returns."""
+    """Serve calls on ``sock`` until the pool closes it; never returns.
+
+    The child for the next call is forked as soon as the previous call is done (fork-ahead),
+    so the fork and the request-independent setup happen while the slot is idle.
+    """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-slot")))  # ps/top
     if features.get("subreaper"):
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    seq = 0
+    # Every call of this slot gets the same, freshly emptied temp dir (made before and
+    # removed after each call), so what the children inherit is set here once.
+    tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
+    os.environ.clear()
+    os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
+                       "LANG": "C.UTF-8"})
+    tempfile.tempdir = tmpdir
+    sys.argv = ["<code>"]
+    prep = None
     while True:
+        if prep is None:
+            try:
+                prep = _prepare(cfg, features, seccomp_prog, uid, tmpdir)
+            except OSError as e:  # e.g. no memory for a fork: say so per call, retry next time
+                prep_error = e
         req = recv_frame(sock)
         if req is None:
+            if prep is not None:
+                _discard(prep)
             os._exit(0)
-        seq += 1
         try:
-            result = _run_call(cfg, features, seccomp_prog, slot, uid, seq, req)
+            if prep is None:
+                raise prep_error
+            result = _run_call(cfg, features, uid, prep, req)
         except Exception as e:  # a slot bug must come back as a result, not a hang
+            if prep is not None:
+                _discard(prep)
             result = {"status": "killed", "stdout": "", "stderr": f"sandbox slot error: {e!r}",
                       "exit_code": None, "signal": None, "duration_s": 0.0}
+        prep = None
         send_frame(sock, result)
 
 
@@ -736,13 +934,19 @@ def main() -> None:
     if uid_base is None:
         uid_base = 1_000_000_000 + (os.getpid() % (1 << 22)) * 64
 
+    # Run the call path once here, so what it initializes lazily (compiler and AST state,
+    # caches) is part of the shared image instead of being redone in every call child.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (no core dumps of the zygote either)
+    _run_user_code("x = [i * i for i in range(3)]\ny = {'a': x}\nNone")
     # Everything imported so far is shared copy-on-write with every slot and call: keep the
     # collector from touching (and so copying) those pages.
     gc.collect()
     gc.freeze()
+    huge_mb = collapse_huge_pages() if cfg.get("huge_pages", True) else 0
     ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
                          "errors": errors, "preload_errors": preload_errors,
-                         "uid_base": uid_base if features["uid_drop"] else None}).encode())
+                         "uid_base": uid_base if features["uid_drop"] else None,
+                         "huge_pages_mb": huge_mb}).encode())
     slots: dict[int, int] = {}
     while True:
         ready, _, _ = select.select([ctl], [], [], 0.5)

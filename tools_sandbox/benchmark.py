@@ -2,7 +2,9 @@
 
 (a) trivial snippet through the pool vs. the bare-fork ceiling: a warm numpy+sympy
     interpreter that only forks a child which runs the snippet and exits, with as many
-    parallel forkers as the pool has slots;
+    parallel forkers as there are concurrent callers; printed a second time against a bare
+    fork whose image got the pool's huge-page treatment, so the pool's advantage from
+    huge pages is visible apart from its isolation overhead;
 (b) a sympy snippet through the pool vs. one fresh ``python`` subprocess per call;
 (c) p99 latency of honest calls while one slot is attacked (fork bomb, memory bomb,
     infinite loop), vs. the same honest load with no attack.
@@ -22,7 +24,7 @@ import time
 import trio
 
 from tools_sandbox.config import SandboxConfig
-from tools_sandbox.pool import SandboxPool
+from tools_sandbox.pool import ZYGOTE_PATH, SandboxPool
 
 TRIVIAL = "x = 1 + 1"
 SYMPY_SNIPPET = "from sympy import isprime, factorint\nprint(isprime(1000003), factorint(360))"
@@ -32,11 +34,18 @@ ATTACKS = {
     "infinite_loop": "while True:\n    pass",
 }
 
-# Runs in a fresh interpreter: the ceiling of fork-per-call from a warm image.
+# Runs in a fresh interpreter: the ceiling of fork-per-call from a warm image. With a 5th
+# argument (the path of _zygote.py) the image first gets the pool's huge-page treatment.
 _BARE_FORK = r"""
 import gc, json, os, sys, time
 import numpy, numpy.random, sympy
 gc.collect(); gc.freeze()
+if len(sys.argv) > 4:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_zygote", sys.argv[4])
+    zygote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zygote)
+    zygote.collapse_huge_pages()
 n, workers, code = int(sys.argv[1]), int(sys.argv[2]), compile(sys.argv[3], "<code>", "exec")
 def one():
     t = time.perf_counter()
@@ -97,9 +106,12 @@ async def _load(pool: SandboxPool, code: str, n: int, workers: int) -> tuple[flo
     return time.perf_counter() - start, lat
 
 
-def bare_fork(n: int, workers: int) -> tuple[float, list[float]]:
-    out = subprocess.run([sys.executable, "-c", _BARE_FORK, str(n), str(workers), TRIVIAL],
-                         capture_output=True, text=True, check=True,
+def bare_fork(n: int, workers: int, huge_pages: bool = False) -> tuple[float, list[float]]:
+    """calls/s and latencies of the bare-fork ceiling (see _BARE_FORK)."""
+    argv = [sys.executable, "-c", _BARE_FORK, str(n), str(workers), TRIVIAL]
+    if huge_pages:
+        argv.append(str(ZYGOTE_PATH))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     data = json.loads(out.stdout)
     return data["calls"] / data["elapsed"], data["lat"]
@@ -124,18 +136,24 @@ async def _bench(n: int, slots: int, insecure: bool) -> dict:
         missing = [k for k, v in pool.features.items() if not v]
         if missing:
             print(f"isolation MISSING (insecure run): {', '.join(missing)}")
+        print(f"zygote heap on huge pages: {pool.huge_pages_mb} MiB")
         await _load(pool, TRIVIAL, 4 * slots, slots)  # warm the slots
         # (a) throughput and latency of a trivial call, `slots` concurrent callers
         elapsed, lat = await _load(pool, TRIVIAL, n, slots)
         pool_rate = n / elapsed
         ceiling_rate, bare_lat = bare_fork(n, slots)
+        huge_rate, huge_lat = bare_fork(n, slots, huge_pages=True)
         figures["a"] = {"pool_calls_per_s": pool_rate, "pool_p50_ms": _pct(lat, 0.5) * 1e3,
                         "pool_p99_ms": _pct(lat, 0.99) * 1e3, "bare_calls_per_s": ceiling_rate,
                         "bare_p50_ms": _pct(bare_lat, 0.5) * 1e3,
-                        "ratio": pool_rate / ceiling_rate}
+                        "ratio": pool_rate / ceiling_rate,
+                        "bare_huge_calls_per_s": huge_rate, "bare_huge_p50_ms": _pct(huge_lat, 0.5) * 1e3,
+                        "ratio_vs_bare_huge": pool_rate / huge_rate}
         print(f"(a) trivial snippet, {slots} concurrent: pool {pool_rate:.0f} calls/s "
               f"({_summary(lat)}); bare fork {ceiling_rate:.0f} calls/s ({_summary(bare_lat)}); "
               f"ratio {pool_rate / ceiling_rate:.2f} (goal >= 0.7, pool p50 <= 3 ms)")
+        print(f"    same, bare fork of a huge-page image like the pool's: {huge_rate:.0f} calls/s "
+              f"({_summary(huge_lat)}); ratio {pool_rate / huge_rate:.2f}")
         # (b) sympy snippet, one call at a time on both sides
         _, sym_lat = await _load(pool, SYMPY_SNIPPET, max(20, n // 10), 1)
         fresh_lat = fresh_subprocess(5)

@@ -24,6 +24,7 @@ class SandboxConfig(BaseModel):
     max_threads: int = Field(16, ge=1)  # RLIMIT_NPROC of a call's own uid: threads it may run
     tmpfs_mb: int = Field(256, ge=16)  # size of the private /tmp that holds all calls' temp dirs
     preload: list[str] = Field(default_factory=lambda: list(DEFAULT_PRELOAD))  # modules imported once in the zygote
+    huge_pages: bool = True  # back the zygote's warm heap with huge pages (cheaper fork and exit per call)
     uid_base: int | None = Field(None, ge=1)  # slot i runs calls as uid_base+i; None: unique per pool from the zygote pid
     insecure: bool = False  # run even when a kernel feature is missing (reported in pool.features)
     start_timeout_s: float = Field(120.0, gt=0)  # how long the zygote may take to import and isolate

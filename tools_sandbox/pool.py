@@ -3,7 +3,8 @@
 The pool starts the zygote (``_zygote.py``, see its docstring for the process tree and the
 isolation steps), asks it for ``config.slots`` slot workers, and hands each ``execute`` call
 to an idle slot. The trio loop never blocks: all process work happens in the zygote's
-processes, and the pool only moves small JSON frames over Unix sockets.
+processes, and the pool only moves small frames (JSON on the control socket, ``marshal``
+on the slot sockets) over Unix sockets.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import json
+import marshal
 import math
 import os
 import signal
@@ -66,8 +68,8 @@ class _Slot:
     stream: trio.SocketStream
     buf: bytearray = field(default_factory=bytearray)
 
-    async def send(self, obj: dict) -> None:
-        data = json.dumps(obj).encode()
+    async def send(self, obj) -> None:
+        data = marshal.dumps(obj)
         await self.stream.send_all(struct.pack(">I", len(data)) + data)
 
     async def _fill(self, n: int) -> None:
@@ -83,7 +85,7 @@ class _Slot:
         await self._fill(4 + n)
         body = bytes(self.buf[4:4 + n])
         del self.buf[:4 + n]
-        return json.loads(body)
+        return marshal.loads(body)
 
     def kill(self) -> None:
         """SIGKILL the slot (its running call dies with it: PR_SET_PDEATHSIG)."""
@@ -113,6 +115,7 @@ class SandboxPool:
         self.features: dict[str, bool] = {}
         self.feature_errors: dict[str, str] = {}
         self.uid_base: int | None = None  # slot i runs its calls as uid_base + i
+        self.huge_pages_mb = 0  # how much of the zygote's heap is backed by huge pages
         self.stats = {"calls": 0, "slot_restarts": 0}
         self._queued = 0
         self._idle_send, self._idle_recv = trio.open_memory_channel[_Slot](math.inf)
@@ -167,6 +170,7 @@ class SandboxPool:
             "max_open_files": cfg.max_open_files,
             "max_threads": cfg.max_threads,
             "uid_base": cfg.uid_base,
+            "huge_pages": cfg.huge_pages,
         }
         argv = [cfg.python or sys.executable, "-I", str(ZYGOTE_PATH), json.dumps(zcfg)]
         try:
@@ -190,6 +194,7 @@ class SandboxPool:
         hello = json.loads(raw)
         self.features = hello["features"]
         self.uid_base = hello.get("uid_base")
+        self.huge_pages_mb = hello.get("huge_pages_mb", 0)
         self.feature_errors = hello["errors"]
         if hello.get("fatal"):
             raise SandboxError(f"sandbox cannot run here: {hello['fatal']}")
@@ -312,7 +317,7 @@ class SandboxPool:
         finally:
             self._queued -= 1
         self.stats["calls"] += 1
-        request = {"code": code, "stdin": stdin, "timeout_s": timeout, "memory_mb": memory}
+        request = (code, stdin, timeout, memory)
         reply = None
         failure = "killed"
         try:
