@@ -403,6 +403,9 @@ def eval_command(
     Example: reckon eval runs/demo-20260101-120000 --k 4
     """
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the results, not the engine's start-up log
+    from actors.engines import EngineError
+    from tools_sandbox import SandboxError
+
     if engine is not None and engine not in ("auto", "vllm", "hf"):
         _fail(f"--engine {engine!r}: choose auto, vllm or hf")
     try:
@@ -424,6 +427,13 @@ def eval_command(
         results = trio.run(lambda: evaluate(target.model_dir, sets, cfg, engine_kind=engine, seed=seed, **settings))
     except (EvalError, ConfigError) as e:
         _fail(str(e))
+    except (SandboxError, EngineError, OSError) as e:  # the sandbox, engine or model could not start
+        _fail(f"{type(e).__name__}: {e}", 1)
+    except BaseExceptionGroup as eg:  # the same, from inside a nursery
+        leaf = _first_leaf(eg)
+        if not isinstance(leaf, (SandboxError, EngineError, OSError)):
+            raise
+        _fail(f"{type(leaf).__name__}: {leaf}", 1)
     for r in results:
         typer.echo(format_result(r))
     if json_out:
@@ -436,6 +446,12 @@ def eval_command(
         except EvalError as e:
             _fail(str(e), 1)
         typer.echo(f"logged {len(results)} EvalCompleted to run {run_id} ({log or cfg.store_url()})")
+
+
+def _first_leaf(eg: BaseException) -> BaseException:
+    while isinstance(eg, BaseExceptionGroup):
+        eg = eg.exceptions[0]
+    return eg
 
 
 def _fail(msg: str, code: int = 2) -> None:
