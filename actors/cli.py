@@ -44,14 +44,21 @@ def run(
 
 @app.command()
 def actor(
-    name: str = typer.Argument(..., help="actor instance: recorder, scheduler, learner, generator-0, tool-0, verifier-0"),
-    config: str = typer.Option(..., "--config", help="the run's config.json (or a TOML with run.run_id set)"),
+    names: List[str] = typer.Argument(
+        ..., help="actor instances to run on this host: recorder, scheduler, learner, generator-0, tool-0, verifier-0"
+    ),
+    config: str = typer.Option(..., "--config", help="the run's config.json, or a TOML with run.run_id set"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override: section.field=value (TOML value)"),
 ) -> None:
-    """Start one actor alone (e.g. on another host)."""
-    from actors.main import run_actor
+    """Start actors of a run by hand: on a cluster, one command per host (docs/deploy.md).
+
+    One name runs in this process; several run as child processes, restarted when they fail,
+    stopped together by Ctrl-C or SIGTERM (the recorder last).
+    """
+    from actors.main import start
 
     try:
-        code = run_actor(name, load_config(config))
+        code = start(names, config, list(set_ or []))
     except ConfigError as e:
         _fail(str(e))
     raise typer.Exit(code)

@@ -128,7 +128,9 @@ class NetworkSection(Section):
     transport: Literal["ipc", "tcp"] = "ipc"  # ipc sockets under the run dir, or tcp
     host: str = "127.0.0.1"  # tcp: default host for actors without an explicit address
     base_port: int = 47100  # tcp: first port; actors take consecutive ports
-    addresses: dict[str, str] = Field(default_factory=dict)  # actor name -> zmq address override
+    hosts: dict[str, str] = Field(default_factory=dict)  # tcp: actor name -> its host (port still base_port + index)
+    addresses: dict[str, str] = Field(default_factory=dict)  # actor name -> zmq address override (wins over hosts)
+    bind_host: str = ""  # tcp: interface inboxes bind on ("" = the actor's own host, "*" = all interfaces)
     curve: bool = False  # CurveZMQ encryption + authentication (keys in run_dir/keys)
     heartbeat_s: float = 2.0  # heartbeat period
     resend_after_s: float = 5.0  # resend unacknowledged events after this long
@@ -178,12 +180,54 @@ class Config(Section):
         return [f"verifier-{i}" for i in range(self.verifier.count)]
 
     def address(self, name: str) -> str:
-        """The zmq address of actor ``name``'s inbox."""
-        if name in self.network.addresses:
-            return self.network.addresses[name]
-        if self.network.transport == "tcp":
-            return f"tcp://{self.network.host}:{self.network.base_port + self.actor_names().index(name)}"
+        """The zmq address of actor ``name``'s inbox: where its peers connect."""
+        net = self.network
+        if name in net.addresses:
+            return net.addresses[name]
+        if net.transport == "tcp":
+            return f"tcp://{net.hosts.get(name, net.host)}:{net.base_port + self.actor_names().index(name)}"
         return f"ipc://{socket_dir(self.run.run_dir)}/{name}"
+
+    def bind_address(self, name: str) -> str:
+        """The zmq address actor ``name``'s inbox binds: its :meth:`address`, on ``network.bind_host``
+        when that is set (a host name that resolves to a loopback or NAT address cannot be bound)."""
+        address = self.address(name)
+        if not (self.network.bind_host and address.startswith("tcp://")):
+            return address
+        port = address.rsplit(":", 1)[1]
+        return f"tcp://{self.network.bind_host}:{port}"
+
+    def run_hosts(self) -> set[str]:
+        """The distinct hosts the run's actors are on (tcp); {"local"} for ipc."""
+        if self.network.transport != "tcp" and not self.network.addresses:
+            return {"local"}
+        hosts = set()
+        for name in self.actor_names():
+            address = self.address(name)
+            hosts.add(address.split("://", 1)[1].rsplit(":", 1)[0] if address.startswith("tcp://") else "local")
+        return hosts
+
+    @model_validator(mode="after")
+    def _check_network(self) -> Config:
+        net, names = self.network, self.actor_names()
+        for field in ("hosts", "addresses"):
+            unknown = [k for k in getattr(net, field) if k not in names]
+            if unknown:
+                raise ValueError(
+                    f"network.{field} names {', '.join(map(repr, unknown))}, not actors of this run "
+                    f"(they are {', '.join(names)})"
+                )
+        if net.hosts and net.transport != "tcp":
+            raise ValueError('network.hosts needs network.transport = "tcp"')
+        for k, a in net.addresses.items():
+            if not a.startswith(("tcp://", "ipc://")) or (a.startswith("tcp://") and not a.rsplit(":", 1)[1].isdigit()):
+                raise ValueError(f"network.addresses[{k!r}] = {a!r}: expected tcp://HOST:PORT or ipc://PATH")
+        if not self.store.url and len(self.run_hosts()) > 1:
+            raise ValueError(
+                f"store.url is empty but the actors run on several hosts ({', '.join(sorted(self.run_hosts()))}): "
+                "set it to a PostgreSQL URL the recorder's host reaches, e.g. postgresql+psycopg://USER@DBHOST/DB"
+            )
+        return self
 
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{Path(self.run.run_dir, 'events.db').resolve()}"
@@ -211,6 +255,9 @@ def _format_error(e: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; configs/demo.toml and actors/config.py list the fields)"
+        if not err["loc"]:  # a check across sections: the message names the fields
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {loc} = {value!r:.60}: {msg}")
     return "\n".join(lines)
 

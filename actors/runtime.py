@@ -85,7 +85,7 @@ class Context:
             self.zap = ZapAuthenticator(zctx, load_public_keys(config.run.run_dir))
         self.inbox = Inbox(
             zctx,
-            config.address(name),
+            config.bind_address(name),
             run_id=run_id,
             auto_ack=(name != RECORDER),
             on_reject=self._on_reject,
