@@ -666,9 +666,15 @@ def _prepare(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str) -> 
         _child(cfg, features, seccomp_prog, uid, tmpdir, (in_r, out_w, err_w), req_r)
     for fd in (in_r, out_w, err_w, req_r):
         os.close(fd)
-    for fd in (in_w, out_r, err_r):
-        os.set_blocking(fd, False)
-    return _Prepared(pid, os.pidfd_open(pid), tmpdir, vm_bytes, in_w, out_r, err_r, req_w)
+    prep = _Prepared(pid, -1, tmpdir, vm_bytes, in_w, out_r, err_r, req_w)
+    try:
+        for fd in (in_w, out_r, err_r):
+            os.set_blocking(fd, False)
+        prep.pidfd = os.pidfd_open(pid)
+    except OSError:
+        _discard(prep)
+        raise
+    return prep
 
 
 def _close(prep: _Prepared, *names: str) -> None:
