@@ -502,7 +502,18 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         os.chdir(tmpdir)
         os.umask(0o077)
         # The environment, tempfile.tempdir, sys.argv and fresh RNG seeds were set by the
-        # slot just before the fork (see _slot_main and _prepare).
+        # slot just before the fork (see _slot_main and _prepare). The limits that do not
+        # depend on the request, and the groups, are set now; as root they could still be
+        # undone, but nothing untrusted runs before the uid drop, which makes them final.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_bytes"], cfg["max_file_bytes"]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_open_files"], cfg["max_open_files"]))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if features.get("uid_drop"):
+            # Counted per real uid, so it is only meaningful once we have our own uid
+            # (and ignored for root anyway). Threads count too.
+            resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_threads"], cfg["max_threads"]))
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
 
         # ---- wait for the call (the slot closes its end after writing it)
         chunks = []
@@ -512,22 +523,9 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         if not chunks:  # the slot is shutting down
             os._exit(0)
         cpu, as_bytes, code = marshal.loads(b"".join(chunks))
-        limits = [
-            (resource.RLIMIT_CPU, cpu, cpu + 1),
-            (resource.RLIMIT_FSIZE, cfg["max_file_bytes"], cfg["max_file_bytes"]),
-            (resource.RLIMIT_NOFILE, cfg["max_open_files"], cfg["max_open_files"]),
-            (resource.RLIMIT_CORE, 0, 0),
-            (resource.RLIMIT_AS, as_bytes, as_bytes),
-        ]
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
         if features.get("uid_drop"):
-            # Counted per real uid, so it is only meaningful once we have our own uid
-            # (and ignored for root anyway). Threads count too.
-            limits.append((resource.RLIMIT_NPROC, cfg["max_threads"], cfg["max_threads"]))
-        for which, soft, hard in limits:
-            resource.setrlimit(which, (soft, hard))
-        if features.get("uid_drop"):
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         # After the uid change, which clears both settings.
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
