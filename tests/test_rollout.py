@@ -7,7 +7,7 @@ import pytest
 import torch
 import trio
 
-from actors.engines import EngineConfig, create_engine
+from actors.engines import EngineConfig, SamplingSpec, create_engine
 from actors.rollout import RolloutSpec, run_trajectory
 from tests._tiny import GOOD_CODE, PROBLEM, build_tool_use_model, scripted_turns
 from training.chat import prompt_messages, split_turns
@@ -59,13 +59,20 @@ def test_three_turn_rollout(kind, model_dir):
                 for i in range(3):
                     nursery.start_soon(one, i)
             traj = results[0]
-            # reload: the version changes on tokens produced after it only
-            await engine.reload_weights(str(model_dir), 7)
-            spec = RolloutSpec("after", prompt_ids, max_tokens=600, max_turns=5, temperature=0.01, seed=1)
-            later = await run_trajectory(engine, tok, spec, call_tool)
-            return traj, later
 
-    traj, later = trio.run(main)
+            # a reload during the first tool call: tokens after it carry the new version, earlier ones keep theirs
+            async def reload_on_first_call(code: str, turn: int) -> tuple[str, str]:
+                if turn == 1:
+                    await engine.reload_weights(str(model_dir), 7)
+                return await call_tool(code, turn)
+
+            spec = RolloutSpec("mid", prompt_ids, max_tokens=600, max_turns=5, temperature=0.01, seed=1)
+            mid = await run_trajectory(engine, tok, spec, reload_on_first_call)
+            # ignore_eos: exactly max_tokens, past the EOS the memorized rollout ends with
+            plain = await engine.generate("plain", prompt_ids, SamplingSpec(max_tokens=300, temperature=0.01, seed=1, ignore_eos=True))
+            return traj, mid, plain
+
+    traj, mid, plain = trio.run(main)
     # the model wrote the scripted rollout: a good call, a malformed one, an answer
     assert traj.turns == 3 and traj.finish_reason == "stop", traj.response_text
     assert traj.tool_calls == [{"call_id": "r0/call1", "status": "ok"}, {"call_id": "r0/call2", "status": "parse_error"}]
@@ -83,8 +90,13 @@ def test_three_turn_rollout(kind, model_dir):
     # recorded logprobs == a plain forward over the same tokens (fp32, 1e-4)
     ref = recompute_logprobs(model_dir, got)[len(traj.prompt_ids) - 1 :]
     np.testing.assert_allclose(traj.logprobs[~tool], ref[~tool], atol=1e-4)
-    # tokens after the reload carry the new version
-    assert set(later.versions[later.loss_mask == 1].tolist()) == {7}
+    # the reload happened in the first tool wait: turn 1 keeps version 0, every later model token has 7
+    assert mid.turns == 3, mid.response_text
+    first_tool = int(np.argmin(mid.loss_mask))  # the first tool-response token
+    model = mid.loss_mask == 1
+    assert (mid.versions[:first_tool] == 0).all() and first_tool > 0
+    assert set(mid.versions[first_tool:][model[first_tool:]].tolist()) == {7}
+    assert len(plain.token_ids) == 300 and tok.eos_token_id in plain.token_ids[:-1]
     # token ids == chat template applied to the messages (the template ends the last turn with "\n")
     rendered = tok.apply_chat_template(prompt_messages(PROBLEM) + msgs, tokenize=False)
     rendered = rendered.removesuffix("\n")
@@ -111,3 +123,49 @@ def test_budget_is_shared_by_model_and_tool_tokens(kind, model_dir):
     traj = trio.run(main)
     assert traj.finish_reason == "length" and len(traj.response_ids) == 60
     assert traj.loss_mask[-1] == 0  # the budget ran out inside the tool response
+
+
+def test_hf_continuation_prefills_only_the_new_tokens(model_dir):
+    """The next turn of a rollout reuses the finished turn's KV: only the tool response is prefilled.
+
+    And a stop string that is one added token (``</tool_call>``) stops by token id, a
+    plain-text stop string still by text.
+    """
+    from transformers import AutoTokenizer
+
+    from actors.engines.base import stop_token_ids
+    from actors.engines.hf_engine import HFBackend
+    from training.chat import TOOL_CALL_END, encode_prompt, tool_response_suffix
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert stop_token_ids(tok, (TOOL_CALL_END,)) == [tok.convert_tokens_to_ids(TOOL_CALL_END)]
+    assert stop_token_ids(tok, ("compute",)) is None and stop_token_ids(tok, ()) is None
+    backend = HFBackend(EngineConfig(kind="hf", max_model_len=1024, max_running=4), str(model_dir))
+    seen: list[int] = []  # tokens fed to each model forward
+    forward = backend._model.forward
+
+    def spy(*args, input_ids=None, **kw):
+        seen.append(input_ids.shape[1])
+        return forward(*args, input_ids=input_ids, **kw)
+
+    backend._model.forward = spy
+
+    def run(request_id, ids, stop):
+        backend.add(request_id, ids, SamplingSpec(max_tokens=200, temperature=0.01, seed=0, stop=stop))
+        out: list[int] = []
+        while True:
+            for d in backend.step():
+                out += d.token_ids
+                if d.finish_reason is not None:
+                    return out, d.finish_reason
+
+    prompt = encode_prompt(tok, PROBLEM)
+    turn1, reason = run("r", prompt, (TOOL_CALL_END,))
+    assert reason == "stop" and tok.decode(turn1).endswith(TOOL_CALL_END)
+    suffix = tok.encode(tool_response_suffix("42"), add_special_tokens=False)
+    seen.clear()
+    turn2, reason = run("r", [*prompt, *turn1, *suffix], (TOOL_CALL_END,))
+    assert seen[0] == len(suffix) + 1  # the last sampled token of turn 1 and the tool response, not the history
+    assert reason == "stop"
+    text, reason = run("t", prompt, ("compute",))
+    assert reason == "stop" and "compute" in tok.decode(text) and len(text) < len(turn1)

@@ -39,6 +39,7 @@ class EngineConfig(BaseModel):
     logprobs_mode: Literal["raw", "processed"] = "raw"  # raw: log p under the model; processed: after temperature/top-k/top-p
     device: str = "auto"  # transformers engine: cpu | cuda | auto
     warmup: bool = True  # run one tiny request at start so the first real step is not slow
+    prefix_caching: bool = True  # reuse the KV of a finished turn when the next turn's prompt extends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class SamplingSpec:
     top_k: int = -1  # -1 or 0: no top-k
     stop: tuple[str, ...] = ()  # stop strings; the stop string stays in the output
     seed: int | None = None  # per-request seed for reproducible sampling
+    ignore_eos: bool = False  # keep sampling past EOS up to max_tokens (benchmarks: exact token counts)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -106,6 +108,23 @@ class _Pending:
 
 
 _STOP = object()
+
+
+def stop_token_ids(tokenizer, stop: tuple[str, ...]) -> list[int] | None:
+    """The token ids of ``stop`` when every stop string is one added token of ``tokenizer``, else None.
+
+    Why: an added token (``</tool_call>`` in Qwen's vocabulary and in the tiny test model's) is
+    never split by the tokenizer, so "the text contains the stop string" is "the model sampled
+    that token". Matching the id needs no detokenization of every sampled token (vLLM's
+    incremental detokenizer, the transformers engine's tail decode), which was per-token
+    Python work paid only by tool-use turns. A stop string that is not a single added token
+    keeps the text match (``None``).
+    """
+    if not stop:
+        return None
+    added = tokenizer.get_added_vocab()
+    ids = [added.get(s) for s in stop]
+    return None if any(i is None for i in ids) else ids
 
 
 class Backend(ABC):

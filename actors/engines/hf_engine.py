@@ -1,6 +1,8 @@
 """Transformers backend: continuous batching over a Hugging Face causal LM, for machines without vLLM.
 
-Every step: requests that joined are prefilled one by one (each gets its own KV), then
+Every step: requests that joined are prefilled one by one (each gets its own KV; a turn
+that continues the same request id's finished turn reuses that turn's KV and prefills
+only the new tokens, e.g. the tool response), then
 all running requests decode ONE token together in a single batched forward over a
 left-padded KV cache. The padded batch cache is rebuilt only when the set of running
 requests changes (a request joins or leaves), not every step. Sampling draws from the
@@ -11,12 +13,13 @@ sampled token under the model (``raw``) or under the processed distribution.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from actors.engines.base import Backend, Delta, EngineConfig, SamplingSpec
+from actors.engines.base import Backend, Delta, EngineConfig, SamplingSpec, stop_token_ids
 
 
 @dataclass(slots=True)
@@ -26,8 +29,10 @@ class _Req:
     spec: SamplingSpec
     n_prompt: int
     generator: torch.Generator | None
+    stop_ids: frozenset[int] | None  # the stop strings as token ids (see stop_token_ids), or None: match text
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, H, L, D); None: needs prefill
     new: list[int] = field(default_factory=list)  # generated this turn
+    reused: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # KV of tokens[:n] kept from the previous turn
 
     @property
     def n_generated(self) -> int:
@@ -59,6 +64,10 @@ class HFBackend(Backend):
         self._rows: list[_Req] = []  # running, in batch order
         self._batch_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dirty = True  # the padded batch cache must be rebuilt from per-row KV
+        # Finished turns' KV by request id, for the next turn of the same rollout (LRU,
+        # at most max_running entries; dropped by a weight reload).
+        self._kept: OrderedDict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self._stop_ids: dict[tuple[str, ...], frozenset[int] | None] = {}
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -69,9 +78,20 @@ class HFBackend(Backend):
         if spec.seed is not None:
             gen = torch.Generator(device=self._device)
             gen.manual_seed(spec.seed)
-        self._waiting.append(_Req(request_id, list(prompt_ids), spec, len(prompt_ids), gen))
+        if spec.stop not in self._stop_ids:
+            ids = stop_token_ids(self._tok, spec.stop)
+            self._stop_ids[spec.stop] = None if ids is None else frozenset(ids)
+        r = _Req(request_id, list(prompt_ids), spec, len(prompt_ids), gen, self._stop_ids[spec.stop])
+        kept = self._kept.pop(request_id, None)
+        if kept is not None:
+            tokens, kv = kept
+            n = kv[0][0].shape[2]  # KV covers tokens[:n] (the last sampled token has none yet)
+            if n < len(r.tokens) and r.tokens[:n] == tokens[:n]:
+                r.reused = kv
+        self._waiting.append(r)
 
     def abort(self, request_id: str) -> None:
+        self._kept.pop(request_id, None)
         self._waiting = [r for r in self._waiting if r.request_id != request_id]
         self._drop([r for r in self._rows if r.request_id == request_id])
 
@@ -99,7 +119,8 @@ class HFBackend(Backend):
         # reload everything but the pending token) and sample its first token.
         while self._waiting and len(self._rows) < self._cfg.max_running:
             r = self._waiting.pop(0)
-            logits = self._prefill(r, r.tokens)
+            logits = self._prefill(r, r.tokens, r.reused)
+            r.reused = None
             self._rows.append(r)
             self._dirty = True
             self._accept(r, logits, deltas)
@@ -112,9 +133,19 @@ class HFBackend(Backend):
                 self._accept(r, logits[i], deltas)
         return deltas
 
-    def _prefill(self, r: _Req, ids: list[int]) -> torch.Tensor:
+    def _prefill(self, r: _Req, ids: list[int], past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Compute the KV of ``ids`` (after ``past``, the KV of ``ids[:n]``, when given) into ``r.kv``;
+        return the logits after the last id."""
+        cache = None
+        if past is not None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(past):
+                cache.update(k, v, layer)
+            ids = ids[past[0][0].shape[2] :]
         x = torch.tensor([ids], device=self._device)
-        out = self._model(input_ids=x, use_cache=True)
+        out = self._model(input_ids=x, past_key_values=cache, use_cache=True)
         r.kv = [(k, v) for k, v in _cache_layers(out.past_key_values)]
         return out.logits[0, -1].float()
 
@@ -165,15 +196,24 @@ class HFBackend(Backend):
         r.tokens.append(tok)
         r.new.append(tok)
         finish = None
-        if tok in self._eos:
+        if tok in self._eos and not spec.ignore_eos:
             finish = "eos"
-        elif spec.stop and self._hit_stop(r):
+        elif spec.stop and (tok in r.stop_ids if r.stop_ids is not None else self._hit_stop(r)):
             finish = "stop"
         elif len(r.new) >= spec.max_tokens or len(r.tokens) >= self._cfg.max_model_len:
             finish = "length"
         deltas.append(Delta(r.request_id, [tok], [lp], finish))
         if finish is not None:
             self._drop([r])
+            if finish == "stop" and self._cfg.prefix_caching:  # a tool call: the next turn extends this one
+                self._keep(r)
+
+    def _keep(self, r: _Req) -> None:
+        """Keep a finished turn's KV (a compact copy, not a view of the batch cache) for its next turn."""
+        self._kept[r.request_id] = (r.tokens, [(k.clone(), v.clone()) for k, v in r.kv])
+        self._kept.move_to_end(r.request_id)
+        while len(self._kept) > self._cfg.max_running:
+            self._kept.popitem(last=False)
 
     def _hit_stop(self, r: _Req) -> bool:
         width = max(len(s) for s in r.spec.stop) + 2  # a stop string spans at most this many new tokens
@@ -202,6 +242,9 @@ class HFBackend(Backend):
             raise ValueError(f"weights in {path!r} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for r in self._rows:  # recompute running sequences' KV with the new weights
             r.kv = None
+        for r in self._waiting:
+            r.reused = None
+        self._kept.clear()
         self._dirty = True
 
 

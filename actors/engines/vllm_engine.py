@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from actors.engines.base import Backend, Delta, EngineConfig, SamplingSpec
+from actors.engines.base import Backend, Delta, EngineConfig, SamplingSpec, stop_token_ids
 
 
 def vllm_available() -> bool:
@@ -80,6 +80,9 @@ class VLLMBackend(Backend):
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             logprobs_mode="processed_logprobs" if cfg.logprobs_mode == "processed" else "raw_logprobs",
             disable_log_stats=True,  # capacity is read from the scheduler directly, no stats pipeline
+            # A tool-use turn ends, the tool runs, and the next turn's prompt is the whole history
+            # plus the tool response: with the prefix cache only the new tokens are prefilled.
+            enable_prefix_caching=cfg.prefix_caching,
         )
         self._engine = LLMEngine.from_engine_args(args)
         self._scheduler = self._engine.engine_core.engine_core.scheduler
@@ -88,12 +91,18 @@ class VLLMBackend(Backend):
         self._total_blocks = cc.num_gpu_blocks
         self._max_running = cfg.max_running
         self._live: set[str] = set()
+        self._tokenizer = self._engine.get_tokenizer()
+        self._stop_ids: dict[tuple[str, ...], list[int] | None] = {}
         if cfg.warmup:  # the first step of a fresh engine costs seconds (kernel setup); pay it now
             self.add("__warmup__", [0, 1, 2, 3], SamplingSpec(max_tokens=2))
             while self.has_work():
                 self.step()
 
     def add(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> None:
+        stop = spec.stop
+        if stop not in self._stop_ids:
+            self._stop_ids[stop] = stop_token_ids(self._tokenizer, stop)
+        stop_ids = self._stop_ids[stop]
         params = self._SamplingParams(
             n=1,
             max_tokens=spec.max_tokens,
@@ -101,11 +110,13 @@ class VLLMBackend(Backend):
             top_p=spec.top_p,
             top_k=spec.top_k if spec.top_k > 0 else 0,
             seed=spec.seed,
-            stop=list(spec.stop) or None,
+            stop=None if stop_ids is not None else list(stop) or None,
+            stop_token_ids=stop_ids,  # the stop token stays in the output, as EOS does
             include_stop_str_in_output=True,
+            ignore_eos=spec.ignore_eos,
             logprobs=0,  # the sampled token's logprob only
             output_kind=self._DELTA,
-            detokenize=bool(spec.stop),  # stop strings need text; otherwise skip the work
+            detokenize=bool(stop) and stop_ids is None,  # only a text stop string needs text
         )
         self._engine.add_request(request_id, self._TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
         self._live.add(request_id)
