@@ -158,6 +158,9 @@ def format_comparison(cmp: dict) -> list[str]:
             verdict = "lower" if a < b else ("equal" if a == b else "HIGHER")
             lines.append(f"=> {labels[0]} tool-error rate of positive trajectories is {verdict} than {labels[1]}'s "
                          f"({a:.3f} vs {b:.3f}, pooled over the {n} RL steps)")  # fmt: skip
+        else:
+            lines.append(f"=> no comparison: {' and '.join(lab for lab in labels if arms[lab]['tool_error_rate_pos_pooled'] is None)} "
+                         "had no correct trajectory with a tool call in these steps (the policy solves nothing yet)")  # fmt: skip
     return lines
 
 

@@ -67,6 +67,13 @@ def test_compare_at_the_same_rl_step_count(arms) -> None:
     assert "GRPO-RoC tool-error rate of positive trajectories is lower than GRPO's" in lines[-1]
 
 
+def test_no_verdict_without_positive_trajectories() -> None:
+    arm = {"per_step": [], "tool_error_rate_pos_pooled": None, "tool_error_rate_pos_mean": None,
+           "tool_error_rate_pos_second_half": None, "tool_error_rate_mean": 1.0, "reward_mean": 0.0, "evals": []}
+    cmp = {"rl_steps_compared": 0, "arms": {"GRPO-RoC": arm, "GRPO": {**arm, "tool_error_rate_pos_pooled": 0.5}}}
+    assert format_comparison(cmp)[-1].startswith("=> no comparison: GRPO-RoC had no correct trajectory")
+
+
 def _fake_launch(calls: list):
     """A stand-in for ``reckon run``: logs a synthetic run whose errors depend on the RoC mode."""
 
