@@ -21,6 +21,11 @@ Cost model (per GPU = one engine; defaults in :class:`SimConfig`):
   behaviour as the paper describes it); they re-queue at the front and recompute their whole
   context when readmitted.
 
+Steps: step k's rollouts are released once the learner has published the weights trained on
+step ``k - 1 - staleness`` (and, with staleness >= 1, step k-1 is fully dispatched). The learner
+is a pool of ``learner_gpus`` of its own that trains the steps in order, each once all its
+rollouts have finished, at ``train_flops_per_token * params`` FLOPs per trained token.
+
 Time advances in ticks of ``dt`` seconds; within a tick each engine runs as many decode steps
 as fit (fractional steps carry over), sequences stop exactly at tool calls and at their end,
 and tool results return mid-tick at their exact time.
@@ -69,7 +74,14 @@ class SimConfig(BaseModel):
     tool_latency_sigma: float = 1.0  # lognormal sigma of tool latency
     tool_output_tokens: tuple[int, int] = (20, 200)  # uniform range of tool-response tokens
     steps: int = Field(1, ge=1)  # training steps to simulate
-    staleness: int = Field(0, ge=0, le=1)  # 0: on-policy; 1: next step may start while this one's tail runs
+    staleness: int = Field(0, ge=0, le=2)  # weight versions generation may run ahead (0: on-policy)
+    # The learner (a pool of its own, as reckon's actors run it) trains on step k while later rollouts
+    # run: train_keep of the step's rollouts (G of 2G), train_flops_per_token x params FLOPs per token
+    # (forward + backward; the old log-probs come with the rollouts), at `flops` per learner GPU.
+    # learner_gpus = 0: training takes no time.
+    learner_gpus: int = Field(64, ge=0)
+    train_flops_per_token: float = Field(6.0, ge=0)  # x params
+    train_keep: float = Field(0.5, gt=0, le=1)
     dt: float = Field(0.05, gt=0)  # simulation tick (s)
     seed: int = 0
     trace_every: float = 1.0  # seconds between samples of per-GPU KV occupancy
@@ -128,6 +140,14 @@ def make_workload(cfg: SimConfig) -> Workload:
         tool_lat.append(rng.lognormal(mu, cfg.tool_latency_sigma, k))
         tool_out.append(out)
     return Workload(step, prompt, model, tool_pos, tool_lat, tool_out, n)
+
+
+def train_seconds(cfg: SimConfig, w: Workload) -> np.ndarray:
+    """(steps,) seconds the learner takes to train on each step's batch (0 without a learner pool)."""
+    if cfg.learner_gpus == 0:
+        return np.zeros(cfg.steps)
+    tokens = np.bincount(w.step, weights=w.prompt + w.response, minlength=cfg.steps) * cfg.train_keep
+    return tokens * cfg.train_flops_per_token * cfg.params / (cfg.learner_gpus * cfg.flops)
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -192,6 +212,95 @@ def no_migration_bound(cfg: SimConfig, w: Workload, idx: np.ndarray, grid: int =
     return best
 
 
+def occupancy_ceiling(cfg: SimConfig, w: Workload, phases: int = 48) -> tuple[float, float]:
+    """(ceiling, step mean): time-averaged KV occupancy of an idealized pipeline of steps 0..staleness.
+
+    The release rule keeps at most ``staleness + 1`` steps in flight, and step k + staleness + 1
+    cannot start before step k's longest rollout has finished, so a period of the pipeline lasts
+    at least ``P`` decode steps (the longest rollout). Idealized: every step's rollouts spread
+    evenly over the GPUs and all start at their step's release (starting one later lengthens the
+    period: any rollout may be the longest), the steps in flight at the best common phase whose
+    peak fits the cache, no tool waits, no learner time, no GPU idle at the period's end. The
+    occupancy of a GPU is its KV time-averaged over the period (a decode step lasts
+    ``t_w + c U``); ``step mean`` is the plain average over decode steps, which no dispatch can
+    change: it is the steps' KV-token-steps divided by ``P × K``. Where no phase fits (step mean
+    near or above 1: the cache binds and dispatch decides) the ceiling is NaN.
+    """
+    K = cfg.kv_capacity
+    c = cfg.kv_bytes_per_token / cfg.bandwidth
+    t_w = cfg.weight_bytes / cfg.bandwidth
+    n = min(cfg.staleness + 1, cfg.steps)
+    members = [np.flatnonzero(w.step == s) for s in range(n)]
+    P = int(max(w.model_tokens[idx].max() for idx in members))
+    prof = np.zeros((n, cfg.gpus, P))  # KV held by each GPU at each decode step of the step's life
+    for j, idx in enumerate(members):
+        for r, i in enumerate(idx):
+            m = int(w.model_tokens[i])
+            ctx = w.prompt[i] + np.arange(m, dtype=float)
+            for pos, out in zip(w.tool_pos[i], w.tool_out[i]):
+                ctx[pos:] += out
+            prof[j, r % cfg.gpus, :m] += ctx
+    best, mean = math.nan, float(prof.sum() / (cfg.gpus * P * K))
+    for phi in range(0, P, max(1, P // phases)) if n > 1 else [0]:
+        U = sum(np.roll(prof[j], j * phi, axis=1) for j in range(n))
+        if U.max() > K:
+            continue
+        st = t_w + c * U
+        occ = float(np.mean((U * st).sum(axis=1) / (K * st.sum(axis=1))))
+        best = occ if math.isnan(best) else max(best, occ)
+    return best, mean
+
+
+def nonclairvoyant_bound(cfg: SimConfig, w: Workload, idx: np.ndarray, eps: float = 1e-9, grid: int = 40) -> float:
+    """A makespan T that no policy beats with probability above ``eps`` if it places each rollout on
+    one engine before knowing its length (lengths i.i.d.: the policy may know their distribution).
+
+    An engine runs at least as many decode steps as its longest rollout has tokens, each reading
+    the weights, on top of its rollouts' engine seconds E_g: busy >= L_g t_w + E_g. For a
+    threshold L (a fraction q of the rollouts are at least that long), finishing by T requires
+    every GPU holding a long rollout to have E_g <= T - L t_w, so at least a GPUs hold none and
+    carry the rest of the work, n or more rollouts, all short. Whatever the policy does, each
+    rollout it places is long with probability q independently of where it goes, so this has
+    probability at most Σ_{k >= a} C(gpus, k) (1 - q)^n(k). The bound is the smallest T where
+    that exceeds eps, maximized over L.
+    """
+    m, _, E, _ = per_rollout_costs(cfg, w, idx)
+    t_w = cfg.weight_bytes / cfg.bandwidth
+    G, total = cfg.gpus, float(E.sum())
+    best = total / G
+    for L in np.unique(np.quantile(m, np.linspace(0.5, 1.0, grid))):
+        long = m >= L
+        q = float(long.mean())
+        if q == 0.0 or q == 1.0:
+            continue
+        e_short = float(E[~long].max())
+
+        def likely(T: float) -> bool:  # can the placement finish by T with probability above eps?
+            h = T - L * t_w  # most engine seconds a GPU holding a long rollout can carry
+            if h < 0:
+                return False
+            a = max(0, math.ceil((total - G * h) / (L * t_w) - 1e-12))
+            if a == 0:
+                return True
+            if a > G:
+                return False
+            # Sum over the number k >= a of long-free GPUs: choose them, and their >= n(k) rollouts all short.
+            p = 0.0
+            for k in range(a, G + 1):
+                n = math.ceil((total - (G - k) * h) / e_short)
+                p += math.exp(math.lgamma(G + 1) - math.lgamma(k + 1) - math.lgamma(G - k + 1) + n * math.log1p(-q))
+            return p > eps
+
+        lo, hi = total / G, total / G + L * t_w
+        if likely(lo):
+            continue
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if likely(mid) else (mid, hi)
+        best = max(best, hi)
+    return best
+
+
 # ----------------------------------------------------------------------------- the simulation
 
 PENDING_WINDOW = 4096  # rollouts shown to the policy per call (it stops at the first misfit)
@@ -199,15 +308,34 @@ PENDING_WINDOW = 4096  # rollouts shown to the policy per call (it stops at the 
 S_WAIT, S_PENDING, S_QUEUED, S_DECODE, S_TOOL, S_DONE = range(6)
 
 
+def steady_window(cfg: SimConfig, step_release: list, makespan: float) -> tuple[float, float]:
+    """(start, end) s of the steady state: whole pipeline periods between step releases.
+
+    With staleness s the pipeline holds s + 1 steps and its period spans s + 1 releases; the
+    first s + 1 steps start together (warm-up) and after the last release it only drains. So the
+    window runs from the release of step s + 1 to the latest release a whole number of periods
+    later. Too few steps for one period: the whole run.
+    """
+    a = cfg.staleness + 1
+    b = a + (cfg.steps - 1 - a) // a * a
+    if cfg.steps == 1 or b <= a:
+        return 0.0, makespan
+    return float(step_release[a]), float(step_release[b])
+
+
 @dataclass
 class SimResult:
     policy: str
     makespan: float  # s, first dispatch to last completion
     step_end: list  # s, completion time of each step
+    step_release: list  # s, when each step's rollouts were released (the staleness bound and the learner allow)
+    train_end: list  # s, when the learner published the weights trained on each step
     kv_occupancy: float  # time-averaged mean over GPUs of used KV / capacity, until the last completion
     kv_fill: float  # the same, until the run's last rollout has started (while there is work to fill with)
     kv_pending: float  # the same, over the ticks when released rollouts wait to start (what dispatch controls)
     stale_wait: float  # fraction of the time until the last start with no rollout released and waiting
+    kv_steady: float  # the same, over whole pipeline periods in steady state (see steady_window)
+    placement_floor: float  # max over GPUs of (longest rollout x t_w + engine seconds) for where rollouts ran
     evictions: int  # sequences evicted (each recomputes its context later)
     eviction_events: int  # times an engine overflowed
     recomputed_tokens: int  # context tokens prefilled again after eviction
@@ -247,6 +375,9 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
     debt = np.zeros(G)  # engine seconds owed (prefill longer than a tick)
     step_left = np.bincount(w.step, minlength=cfg.steps)
     step_end = [math.nan] * cfg.steps
+    step_release = [math.nan] * cfg.steps
+    train_s = train_seconds(cfg, w)
+    train_end = [math.nan] * cfg.steps  # weights trained on step s published (the learner trains steps in order)
     released = 0  # steps whose rollouts have been released to the pending queue
     pend_objs = [PendingRollout(ids[i], int(w.prompt[i]), cfg.max_tokens) for i in range(N)]
     evictions = events = recomputed = 0
@@ -255,12 +386,14 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
     fill_integral, fill_end = 0.0, math.nan  # occupancy while rollouts still wait to start
     pend_integral, pend_time, stale_time = 0.0, 0.0, 0.0
     trace_t, trace_kv = [], []
+    occ_ticks: list[float] = []  # mean occupancy of every tick (for the steady-state window)
     next_trace = 0.0
     next_progress = 0.0
     t = 0.0
     resident = np.zeros(N, bool)
 
     def release(s: int) -> None:
+        step_release[s] = t
         idx = np.flatnonzero(w.step == s)
         state[idx] = S_PENDING
         pending.extend(idx.tolist())
@@ -271,10 +404,12 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
     while done_total < N:
         # --- release the next step when the staleness bound allows
         if released < cfg.steps:
-            if cfg.staleness == 0:
-                ok = step_left[released - 1] == 0
-            else:  # previous step fully dispatched, and the one before it finished
-                ok = not pending and (released < 2 or step_left[released - 2] == 0)
+            # Step k may use weights trained on step k-1-staleness (published at train_end); with
+            # staleness 1 the previous step must also be fully dispatched (oldest step first).
+            need = released - 1 - cfg.staleness
+            ok = need < 0 or t >= train_end[need]
+            if cfg.staleness > 0:
+                ok = ok and not pending
             if ok:
                 release(released)
                 released += 1
@@ -368,6 +503,13 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
                         done_total += 1
                         if step_left[s] == 0:
                             step_end[s] = float(np.nanmax(finish[w.step == s]))
+                            # The learner trains the steps in order, each once it has finished.
+                            for k in range(cfg.steps):
+                                if math.isnan(train_end[k]) and not math.isnan(step_end[k]):
+                                    prev = train_end[k - 1] if k else 0.0
+                                    if math.isnan(prev):
+                                        break
+                                    train_end[k] = max(step_end[k], prev) + float(train_s[k])
                         policy.on_finished(ids[i], int(w.model_tokens[i] + tool_tok[i]))
         # --- overflow: evict the newest half of the decoding sequences
         res_idx = np.flatnonzero(resident)
@@ -392,6 +534,7 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
                 policy.on_progress(ids[i], int(gen[i] + tool_tok[i]))
         occ = float(np.minimum(used, K).sum()) / (G * K) * cfg.dt
         occ_integral += occ
+        occ_ticks.append(occ / cfg.dt)
         if pending:
             pend_integral += occ
             pend_time += cfg.dt
@@ -407,10 +550,21 @@ def simulate(cfg: SimConfig, policy_name: Literal["dynamic", "static"], workload
             next_trace += cfg.trace_every
         t += cfg.dt
     makespan = float(np.nanmax(finish))
+    m_all, _, e_all, _ = per_rollout_costs(cfg, w, np.arange(N))
+    longest = np.zeros(G)
+    np.maximum.at(longest, engine, m_all)
+    floor = float(np.max(longest * t_w + np.bincount(engine, weights=e_all, minlength=G)))
+    lo, hi = steady_window(cfg, step_release, makespan)
+    occ_arr = np.array(occ_ticks)
+    i0, i1 = int(round(lo / cfg.dt)), int(round(hi / cfg.dt))
     return SimResult(
         policy=policy_name,
         makespan=makespan,
         step_end=step_end,
+        step_release=step_release,
+        train_end=train_end,
+        kv_steady=float(occ_arr[i0:i1].mean()) if i1 > i0 else math.nan,
+        placement_floor=floor,
         kv_occupancy=occ_integral / max(t, 1e-9),
         kv_fill=fill_integral / max(fill_end if not math.isnan(fill_end) else t, 1e-9),
         kv_pending=pend_integral / max(pend_time, 1e-9),
@@ -436,6 +590,7 @@ class Comparison:
     lb_work: float
     lb_critical: float
     lb_no_migration: float  # bound for any policy that keeps a rollout on one engine, even knowing lengths
+    lb_nonclairvoyant: float  # ... and that does not know a rollout's length when it places it (w.p. 1 - 1e-9)
     dynamic: SimResult
     static: SimResult
 
@@ -444,37 +599,63 @@ class Comparison:
         return self.static.makespan / self.dynamic.makespan
 
 
-def compare(cfg: SimConfig, dispatch: DispatchConfig | None = None) -> Comparison:
-    """Simulate both policies on the same workload and compute the lower bound.
+def pipeline_bound(cfg: SimConfig, step_lb: list[float], train_s: np.ndarray) -> float:
+    """Earliest the last step can finish given each step's own bound and the release rule.
 
-    With staleness 0 steps run back to back, so the bound is the sum of per-step bounds; with
-    staleness 1 it is the bound of all rollouts taken together (release times only add to it).
+    Step k is released once the weights trained on step k-1-staleness are published; it then
+    takes at least ``step_lb[k]`` (its rollouts alone on every GPU); the learner trains the
+    steps in order, each after it has finished.
+    """
+    fin, learned = [], []
+    for k in range(cfg.steps):
+        need = k - 1 - cfg.staleness
+        start = learned[need] if need >= 0 else 0.0
+        fin.append(start + step_lb[k])
+        learned.append(max(fin[k], learned[k - 1] if k else 0.0) + float(train_s[k]))
+    return max(fin)
+
+
+def compare(cfg: SimConfig, dispatch: DispatchConfig | None = None) -> Comparison:
+    """Simulate both policies on the same workload and compute the lower bounds.
+
+    LB is the largest of the issue's bound (work and critical path) over all rollouts and the
+    pipeline bound built from each step's own bound, the release rule and the learner's time
+    (:func:`pipeline_bound`; with staleness 0 and no learner time, the sum of per-step bounds).
     """
     w = make_workload(cfg)
-    groups = [np.flatnonzero(w.step == s) for s in range(cfg.steps)] if cfg.staleness == 0 else [np.arange(w.n)]
-    parts = [lower_bound(cfg, w, idx) for idx in groups]
-    lb, work, crit = (sum(p[k] for p in parts) for k in range(3))
-    nm = sum(max(no_migration_bound(cfg, w, idx), p[0]) for idx, p in zip(groups, parts))
+    steps = [np.flatnonzero(w.step == s) for s in range(cfg.steps)]
+    train_s = train_seconds(cfg, w)
+    every = np.arange(w.n)
+    lb_all, work, crit = lower_bound(cfg, w, every)
+    per = [lower_bound(cfg, w, idx) for idx in steps]
+    lb = max(lb_all, pipeline_bound(cfg, [p[0] for p in per], train_s))
+    nm_steps = [max(no_migration_bound(cfg, w, idx), p[0]) for idx, p in zip(steps, per)]
+    nm = max(lb, pipeline_bound(cfg, nm_steps, train_s), no_migration_bound(cfg, w, every) if cfg.steps > 1 else 0.0)
+    nc_steps = [max(nonclairvoyant_bound(cfg, w, idx, grid=20), b) for idx, b in zip(steps, nm_steps)]
+    nc = max(nm, pipeline_bound(cfg, nc_steps, train_s))
+    if cfg.staleness == 0:  # steps run one after another: report the per-step sums of each term
+        work, crit = sum(p[1] for p in per), sum(p[2] for p in per)
     dyn = simulate(cfg, "dynamic", w, dispatch)
     sta = simulate(cfg, "static", w, None)
-    return Comparison(cfg, lb, work, crit, nm, dyn, sta)
+    return Comparison(cfg, lb, work, crit, nm, nc, dyn, sta)
 
 
 def format_rows(rows: list[Comparison]) -> str:
     """A plain-text table: one line per (scenario, policy)."""
-    head = (f"{'gpus':>5} {'steps':>5} {'stale':>5} {'max_tok':>7} {'policy':>8} {'makespan_s':>10} {'LB_s':>8} "
-            f"{'mk/LB':>6} {'LBnm_s':>7} {'mk/LBnm':>7} {'kv_occ':>6} {'kv_fill':>7} {'kv_peak':>7} {'evicted':>8} "
-            f"{'overflows':>9} {'speedup':>7}")
+    head = (f"{'gpus':>5} {'steps':>5} {'stale':>5} {'learner':>7} {'max_tok':>7} {'policy':>8} {'makespan_s':>10} {'LB_s':>8} "
+            f"{'mk/LB':>6} {'LBnm_s':>7} {'mk/LBnm':>7} {'LBnc_s':>7} {'mk/LBnc':>7} {'kv_occ':>6} {'kv_fill':>7} {'kv_peak':>7} {'evicted':>8} "
+            f"{'overflows':>9} {'kv_steady':>9} {'speedup':>7}")
     lines = [head]
     for c in rows:
         for r in (c.dynamic, c.static):
             sp = f"{c.speedup:7.2f}" if r is c.dynamic else f"{'1.00':>7}"
             peak = float(r.trace_kv.max()) if r.trace_kv.size else 0.0
             lines.append(
-                f"{c.cfg.gpus:>5} {c.cfg.steps:>5} {c.cfg.staleness:>5} {c.cfg.max_tokens:>7} {r.policy:>8} "
+                f"{c.cfg.gpus:>5} {c.cfg.steps:>5} {c.cfg.staleness:>5} {c.cfg.learner_gpus:>7} {c.cfg.max_tokens:>7} {r.policy:>8} "
                 f"{r.makespan:>10.1f} {c.lb:>8.1f} {r.makespan / c.lb:>6.2f} {c.lb_no_migration:>7.1f} "
-                f"{r.makespan / c.lb_no_migration:>7.2f} {r.kv_occupancy:>6.1%} {r.kv_fill:>7.1%} {peak:>7.1%} "
-                f"{r.evictions:>8} {r.eviction_events:>9} {sp}"
+                f"{r.makespan / c.lb_no_migration:>7.2f} {c.lb_nonclairvoyant:>7.1f} {r.makespan / c.lb_nonclairvoyant:>7.2f} "
+                f"{r.kv_occupancy:>6.1%} {r.kv_fill:>7.1%} {peak:>7.1%} "
+                f"{r.evictions:>8} {r.eviction_events:>9} {r.kv_steady:>9.1%} {sp}"
             )
     return "\n".join(lines)
 
@@ -517,6 +698,7 @@ def simulate_app(
     max_tokens: int = 8192,
     staleness: int = 0,
     steps: int = 1,
+    learner_gpus: int = 64,
     seed: int = 0,
     plot: str | None = None,
 ) -> None:
@@ -525,17 +707,19 @@ def simulate_app(
 
     try:
         cfg = SimConfig(gpus=gpus, prompts=prompts, rollouts=rollouts, max_tokens=max_tokens,
-                        staleness=staleness, steps=steps, seed=seed)
+                        staleness=staleness, steps=steps, learner_gpus=learner_gpus, seed=seed)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     c = compare(cfg)
     typer.echo(format_rows([c]))
     typer.echo(f"dynamic speedup over static: {c.speedup:.2f}x; LB = max(work {c.lb_work:.1f} s, "
-               f"critical path {c.lb_critical:.1f} s); simulated in {c.dynamic.wall_s + c.static.wall_s:.1f} s")
+               f"critical path {c.lb_critical:.1f} s); steady-state KV occupancy {c.dynamic.kv_steady:.1%} (dynamic), "
+               f"{c.static.kv_steady:.1%} (static); simulated in {c.dynamic.wall_s + c.static.wall_s:.1f} s")
     if plot:
         plot_kv(c, plot)
         typer.echo(f"KV occupancy plot: {plot}")
 
 
-__all__ = ["SimConfig", "Workload", "make_workload", "per_rollout_costs", "lower_bound", "no_migration_bound", "simulate", "SimResult", "Comparison",
+__all__ = ["SimConfig", "Workload", "make_workload", "train_seconds", "per_rollout_costs", "lower_bound", "no_migration_bound",
+           "pipeline_bound", "steady_window", "occupancy_ceiling", "nonclairvoyant_bound", "simulate", "SimResult", "Comparison",
            "compare", "format_rows", "plot_kv", "simulate_app"]
