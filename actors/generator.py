@@ -8,11 +8,18 @@ sequence on the engine keeps decoding; the tool output is appended as token ids 
 generation continues. The finished trajectory (TrajectoryCompleted) goes to a verifier
 and to the scheduler. Free KV capacity is reported to the scheduler at a steady cadence
 (CapacityReported), and WeightsPublished reloads the engine in place.
+
+Supervision: a RolloutRequested is acknowledged only once its trajectory has reached the
+scheduler and the verifier, so a generator killed mid-rollout gets its rollouts resent
+when it restarts (it starts on the run's latest published weights). Tool-call ids are
+unique per process, so a late answer to a call of a dead predecessor is never taken for
+one of ours.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import numpy as np
@@ -22,6 +29,7 @@ from transformers import AutoTokenizer
 from actors.engines import create_engine
 from actors.rollout import RolloutSpec, run_trajectory
 from actors.runtime import Context
+from actors.supervision import latest_weights, note_reissue, settle
 from protocol.events import (
     CapacityReported,
     Envelope,
@@ -33,6 +41,8 @@ from protocol.events import (
 )
 from training.chat import encode_prompt
 
+#: Requests acknowledged only once done (actors/supervision.py).
+ACK_WHEN_DONE = ("RolloutRequested",)
 
 class ToolDispatcher:
     """Credit-based dispatch of tool calls to executors, and the wait for their results."""
@@ -44,6 +54,7 @@ class ToolDispatcher:
         self.sent_to: dict[str, str] = {}
         self.credit_free = trio.Event()
         self._ids = itertools.count()
+        self._incarnation = os.urandom(3).hex()  # call ids never repeat across restarts
 
     def on_capacity(self, executor: str, free_slots: int) -> None:
         # The report is the executor's own count of free slots; calls in flight on the wire
@@ -77,7 +88,7 @@ class ToolDispatcher:
     async def call(self, rollout_id: str, turn: int, code: str) -> tuple[str, str]:
         cfg = self.ctx.config.tools
         timeout = cfg.sandbox.timeout_s
-        call_id = f"{rollout_id}-t{turn}-{next(self._ids)}"
+        call_id = f"{rollout_id}-t{turn}-{self._incarnation}{next(self._ids)}"
         for attempt in range(3):
             executor = await self._acquire()
             send, recv = trio.open_memory_channel(1)
@@ -106,6 +117,12 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     tools = ToolDispatcher(ctx)
     busy_s = 0.0
     async with create_engine(cfg.generator.engine, cfg.model.path) as engine:
+        # A restarted generator missed the WeightsPublished its predecessor saw: start on the
+        # newest weights of the run.
+        latest = latest_weights(cfg.run.run_dir) if cfg.run.run_dir else None
+        if latest is not None and latest[0] > engine.version:
+            await engine.reload_weights(str(latest[1]), latest[0])
+            ctx.log.info("resumed on published weights", version=latest[0])
 
         def report() -> None:
             cap = engine.capacity()
@@ -138,6 +155,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
         async def rollout(env: Envelope) -> None:
             req: RolloutRequested = env.payload
+            note_reissue(ctx, env, "rollout", req.rollout_id)
             active.add(req.rollout_id)
             t0 = time.monotonic()
             try:
@@ -179,8 +197,9 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             to = ["scheduler"]
             if traj.finish_reason != "aborted":
                 to.append(verifiers[hash(req.rollout_id) % len(verifiers)])
-            ctx.emit(done, to=to, cause=env)
+            out = ctx.emit(done, to=to, cause=env)
             report()
+            await settle(ctx, env, out)
 
         async with trio.open_nursery() as nursery:
             report()

@@ -5,6 +5,11 @@ config to ``RUN_DIR/config.json`` (what every actor reads), starts the actors (r
 first), restarts one that crashes (with backoff, up to a limit, recording an ActorError),
 prints per-step metrics as they land in the event log, and stops everything when the
 scheduler records RunCompleted, on Ctrl-C, or when an actor exhausts its restarts.
+
+A restarted actor gets ``RECKON_RESTARTS`` (how many times it was restarted) in its
+environment; what a dead actor left behind in its process group (sandbox or verifier
+workers) is killed before the restart. Work the dead actor held is resent to the new one
+by its requesters (actors/supervision.py).
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Launcher:
         cmd = [sys.executable, "-m", "actors.main", p.name, "--config", str(self.run_dir / "config.json")]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["RECKON_RESTARTS"] = str(p.restarts)
         p.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
 
@@ -123,6 +129,10 @@ class Launcher:
             if code is None:
                 continue
             p.exit_codes.append(code)
+            try:  # its own session: kill what it left behind (workers that outlived it)
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             p.popen = None
             if self.status != "running":
                 continue
@@ -206,6 +216,14 @@ class Launcher:
         self.say(f"actors: {', '.join(self.procs)}  (logs in {self.run_dir / 'logs'})")
         t0 = time.monotonic()
         last_progress = 0.0
+
+        def on_term(signum, frame):  # SIGTERM stops the run like Ctrl-C: actors drain, none is orphaned
+            raise KeyboardInterrupt
+
+        try:
+            previous = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread
+            previous = None
         try:
             while self.status == "running":
                 self.supervise()
@@ -218,7 +236,11 @@ class Launcher:
             self.status = "interrupted"
             self.say("[yellow]interrupted: stopping all actors[/]")
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop_all runs to its end
             self.stop_all()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if self.status == "ok":
             self.progress()
         self.say(f"run {self.status} in {time.monotonic() - t0:.0f}s; event log: {self.cfg.store_url()}")

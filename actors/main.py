@@ -68,7 +68,7 @@ def run_actor(name: str, config: Config) -> int:
     if config.address(name).startswith("ipc://"):
         Path(socket_dir(config.run.run_dir)).mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(ROLES[role_of(name)])
-    return trio.run(serve, name, config, config.run.run_id, module.run)
+    return trio.run(serve, name, config, config.run.run_id, module.run, getattr(module, "ACK_WHEN_DONE", ()))
 
 
 def run_actors(names: list[str], config_path: str, overrides: list[str], config: Config) -> int:

@@ -65,7 +65,8 @@ def configure_logging(level: str = "info", name: str = "") -> None:
 class Context:
     """One actor's handle on the system: its config, inbox, and ``emit``."""
 
-    def __init__(self, name: str, config: Config, run_id: str, zctx: zmq.Context, nursery: trio.Nursery):
+    def __init__(self, name: str, config: Config, run_id: str, zctx: zmq.Context, nursery: trio.Nursery,
+                 ack_when_done: Iterable[str] = ()):
         self.name = name
         self.role = role_of(name)
         self.config = config
@@ -73,6 +74,15 @@ class Context:
         self.log = structlog.get_logger(f"reckon.{self.role}").bind(actor=name)
         self.started_monotonic = time.monotonic()
         self.state = "starting"
+        #: Wall-clock start of this process, and how many times the launcher restarted this actor
+        #: before it (a request older than the start that reaches a restarted actor was
+        #: outstanding at its predecessor: re-issued work).
+        self.started_wall = time.time()
+        self.restarts = int(os.environ.get("RECKON_RESTARTS", "0") or 0)
+        #: Event types acknowledged only when the actor calls :meth:`ack` (its work is done), so
+        #: the sender resends them to a restarted actor; everything else is acked on receipt.
+        self.ack_when_done = frozenset(ack_when_done)
+        self._held: dict[str, bytes] = {}  # event_id -> sender identity, for deferred acks
         self._seq = itertools.count()
         self._zctx = zctx
         self._nursery = nursery
@@ -87,7 +97,7 @@ class Context:
             zctx,
             config.bind_address(name),
             run_id=run_id,
-            auto_ack=(name != RECORDER),
+            auto_ack=(lambda env: env.type not in self.ack_when_done) if name != RECORDER else False,
             on_reject=self._on_reject,
             curve_server_key=keys.secret if keys else None,
         )
@@ -137,8 +147,16 @@ class Context:
 
     async def receive(self) -> Envelope:
         """The next event addressed to this actor."""
-        _, env = await self.inbox.receive()
+        identity, env = await self.inbox.receive()
+        if env.type in self.ack_when_done and self.name != RECORDER:
+            self._held[env.event_id] = identity
         return env
+
+    def ack(self, env: Envelope) -> None:
+        """Acknowledge a received event of an ``ack_when_done`` type: its work is done."""
+        identity = self._held.pop(env.event_id, None)
+        if identity is not None:
+            self.inbox.ack(identity, env)
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_monotonic
@@ -150,14 +168,19 @@ async def _heartbeat(ctx: Context) -> None:
         ctx.emit(Heartbeat(uptime_s=ctx.uptime(), state=ctx.state))
 
 
-async def serve(name: str, config: Config, run_id: str, body: ActorBody) -> int:
-    """Run one actor until it finishes, is signalled, or fails. Returns the exit code."""
+async def serve(name: str, config: Config, run_id: str, body: ActorBody, ack_when_done: Iterable[str] = ()) -> int:
+    """Run one actor until it finishes, is signalled, or fails. Returns the exit code.
+
+    ``ack_when_done``: event types (work requests) this actor acknowledges only once it has
+    done the work (:meth:`Context.ack`), so a request held by a crashed actor is resent to
+    its restarted incarnation.
+    """
     configure_logging(config.run.log_level, name)
     zctx = zmq.Context()
     code = 0
     try:
         async with trio.open_nursery() as infra:
-            ctx = Context(name, config, run_id, zctx, infra)
+            ctx = Context(name, config, run_id, zctx, infra, ack_when_done)
             if ctx.zap is not None:
                 infra.start_soon(ctx.zap.run)
             infra.start_soon(ctx.inbox.pump)

@@ -12,6 +12,13 @@ its end), and for every RL step:
 5. packs the kept trajectories into one BatchFormed for the learner, and waits for the
    step's TrainStepCompleted and the new weights (WeightsPublished) before the next step
    (staleness 0: on-policy, as the paper).
+
+Supervision (actors/supervision.py): work sent to a generator, verifier or the learner is
+acknowledged by them only when done, so the links resend it to a restarted actor. Results
+are taken idempotently: a rollout settles on the first of its trajectories (a re-run after
+a crash adds one) whose own reward has arrived (matched by causation id), later ones are
+ignored, and a trajectory left without a reward past a deadline is forwarded to a verifier
+again (the same event: a verifier that has it already ignores it).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from transformers import AutoTokenizer
 
 from actors.dispatch import EngineState, PendingRollout, make_policy
 from actors.runtime import Context
+from protocol.codec import encode
 from actors.config import StageSection
 from protocol.events import (
     BatchFormed,
@@ -44,6 +52,7 @@ from protocol.events import (
     TrainStepCompleted,
     TrajectoryCompleted,
     WeightsPublished,
+    WorkReissued,
 )
 from training.algos import group_advantages
 from training.chat import encode_messages, encode_prompt
@@ -55,6 +64,9 @@ from training.roc import RolloutStats, roc_downsample
 
 #: Rounds of fresh prompts an RL step may draw when every group had equal rewards.
 MAX_ROUNDS_PER_STEP = 4
+#: A trajectory without a reward this long after it arrived is forwarded to a verifier again
+#: (the generator that would have resent it may have died too).
+VERIFY_DEADLINE_S = 30.0
 
 
 @dataclass
@@ -64,6 +76,11 @@ class Rollout:
     trajectory: TrajectoryCompleted | None = None
     reward: RewardAssigned | None = None
     attempts: int = 0
+    # Supervision: every trajectory received for this rollout (a re-run after a crash adds one)
+    # and every reward, by the trajectory event it was assigned to; the first complete pair wins.
+    candidates: dict[str, Envelope] = field(default_factory=dict)  # trajectory event id -> envelope
+    rewards: dict[str, RewardAssigned] = field(default_factory=dict)  # causation (trajectory) event id -> reward
+    trajectory_at: float = 0.0  # monotonic arrival of the first trajectory (or last re-send to a verifier)
 
 
 @dataclass
@@ -128,32 +145,61 @@ class Scheduler:
                 self.tool_queue[env.source] = ev.queued
         elif isinstance(ev, TrajectoryCompleted):
             r = self.in_flight.get(ev.rollout_id)
-            if r is None:
-                return  # a duplicate or a rollout of a finished step
-            self.policy.on_finished(ev.rollout_id, None if ev.finish_reason == "aborted" else len(ev.response_ids))
+            if r is None or env.event_id in r.candidates:
+                return  # a rollout already settled, or of a finished step
             if ev.finish_reason == "aborted":  # e.g. the generator was stopped: place it again
-                del self.in_flight[ev.rollout_id]
-                self.pending.append(r)
+                if not r.candidates:
+                    self.policy.on_finished(ev.rollout_id, None)
+                    del self.in_flight[ev.rollout_id]
+                    self.pending.append(r)
                 return
-            r.trajectory = ev
-            self._maybe_done(r)
+            if not r.candidates:  # the first trajectory frees its KV; a re-run's is already free
+                self.policy.on_finished(ev.rollout_id, len(ev.response_ids))
+                r.trajectory_at = time.monotonic()
+            r.candidates[env.event_id] = env
+            self._settle(r)
         elif isinstance(ev, RewardAssigned):
             r = self.in_flight.get(ev.rollout_id)
-            if r is None or r.reward is not None:
+            if r is None or env.causation_id is None:
                 return
-            r.reward = ev  # may arrive before the trajectory: they travel different paths
-            self._maybe_done(r)
+            # May arrive before its trajectory: they travel different paths.
+            r.rewards.setdefault(env.causation_id, ev)
+            self._settle(r)
         elif isinstance(ev, TrainStepCompleted):
             self.train_done[ev.step] = ev
         elif isinstance(ev, WeightsPublished):
             self.weights_version = max(self.weights_version, ev.version)
 
-    def _maybe_done(self, r: Rollout) -> None:
-        if r.trajectory is None or r.reward is None:
+    def _settle(self, r: Rollout) -> None:
+        """Take the first trajectory that has its own reward (matched by causation id)."""
+        for eid, env in r.candidates.items():
+            if eid in r.rewards:
+                r.trajectory, r.reward = env.payload, r.rewards[eid]
+                break
+        else:
             return
         del self.in_flight[r.request.rollout_id]
         if self.current is not None and self.current.complete():
             self.current.done.set()
+
+    async def verify_watchdog(self) -> None:
+        """Forward a trajectory left without a reward past the deadline to a verifier again."""
+        verifiers = self.cfg.verifiers()
+        while True:
+            await trio.sleep(VERIFY_DEADLINE_S / 4)
+            now = time.monotonic()
+            for rid, r in list(self.in_flight.items()):
+                if not r.candidates or r.reward is not None or now - r.trajectory_at < VERIFY_DEADLINE_S:
+                    continue
+                env = next(iter(r.candidates.values()))
+                r.trajectory_at = now
+                r.attempts += 1
+                verifier = verifiers[r.attempts % len(verifiers)]
+                self.ctx.net.send([verifier], env, encode(env))  # the same event: idempotent at the verifier
+                self.ctx.emit(WorkReissued(kind="verification", work_id=rid, request_id=env.event_id,
+                                           holder=verifier, reason="deadline"))
+                self.ctx.log.warning("no reward past the deadline; trajectory sent to a verifier again",
+                                     rollout_id=rid, verifier=verifier)
 
     # ------------------------------------------------------------ dispatch
 
@@ -478,6 +524,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     scheduler = Scheduler(ctx)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scheduler.inbox_loop)
+        nursery.start_soon(scheduler.verify_watchdog)
         task_status.started()
         await scheduler.run_recipe()
         nursery.cancel_scope.cancel()

@@ -6,6 +6,10 @@ stdout, stderr, exit code, signal, duration) and the text the model will see. Af
 change it reports its free slots and queue depth (CapacityReported) to the generators,
 which dispatch by those credits, and to the scheduler, which throttles new rollouts when
 tools are the bottleneck.
+
+Supervision: a ToolCallRequested is acknowledged only once its result reached the
+generator, so a call held by a killed executor is resent to the restarted one (the code
+runs in a fresh sandbox either way, so running it again is safe).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import trio
 
 from actors.runtime import Context
+from actors.supervision import note_reissue, settle
 from protocol.events import CapacityReported, Envelope, ToolCallCompleted, ToolCallRequested
 from tools_sandbox import SandboxPool, format_for_model
+
+#: Requests acknowledged only once done (actors/supervision.py).
+ACK_WHEN_DONE = ("ToolCallRequested",)
 
 
 async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -34,8 +42,9 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
         async def execute(env: Envelope) -> None:
             req: ToolCallRequested = env.payload
+            note_reissue(ctx, env, "tool_call", req.call_id)
             result = await pool.execute(req.code, timeout_s=req.timeout_s)
-            ctx.emit(
+            out = ctx.emit(
                 ToolCallCompleted(
                     call_id=req.call_id, rollout_id=req.rollout_id, status=result.status, stdout=result.stdout,
                     stderr=result.stderr, exit_code=result.exit_code, signal=result.signal,
@@ -45,6 +54,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 cause=env,
             )
             report()
+            await settle(ctx, env, out)
 
         async def heartbeat_capacity() -> None:
             while True:

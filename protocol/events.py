@@ -362,6 +362,19 @@ class ActorError(Event):
     fatal: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class WorkReissued(Event):
+    """Work whose actor died before finishing it, taken up again (supervision)."""
+
+    TYPE = "WorkReissued"
+    STREAM = "work_id"
+    kind: str  # rollout | tool_call | verification | train_step
+    work_id: str  # rollout_id, call_id, rollout_id, or the step number
+    request_id: str  # event_id of the request (resent by its requester, or forwarded again)
+    holder: str  # the actor instance that takes the work up (a restarted incarnation)
+    reason: str  # "restarted" (the request reached the restarted actor) | "deadline" (re-sent by its requester)
+
+
 def event_fields(cls: type[Event]) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls)  # type: ignore[arg-type]
 
