@@ -1,12 +1,34 @@
-"""Generator throughput: plain engine generation vs multi-turn rollouts with slow tools.
+"""Generator throughput: plain engine generation vs multi-turn rollouts whose tool calls are slow.
 
-Same model, prompts and concurrency: (a) plain ``engine.generate`` of N requests; (b) N
-multi-turn rollouts whose tool calls sleep a configured latency (50 ms, 300 ms). Model
-tokens per second of (b) over (a) is the figure (goal >= 0.9: tool waits hidden behind
-other sequences' decoding). The model is the tests' tiny Qwen2 trained to write a
-tool-use rollout, so rollouts really call the tool.
+What is compared (same engine, same settings, same model, same prompt, equal work):
 
-    python -m bench.generator [--kind vllm|hf] [--n 64] [--concurrency 32]
+* **rollouts**: N multi-turn tool-use rollouts (``actors.rollout.run_trajectory``) whose every
+  tool call sleeps the configured latency (50 ms, 300 ms). Counted: model tokens (loss-mask
+  1); the tool-response tokens are not generated and not counted.
+* **plain**: N single ``engine.generate`` requests on the same prompt, request i generating
+  exactly as many tokens as rollout i's model tokens (``ignore_eos``), so both sides
+  produce the same number of tokens with the same per-sequence lengths.
+* **admission** (both sides): a new rollout / request starts whenever fewer than
+  ``max_running`` sequences are generating on the engine. A rollout parked on a tool call
+  does not hold an engine slot, so its wait is covered by admitting another one: what the
+  scheduler does (it admits by free KV, not by rollouts in flight; see docs/scheduling.md).
+  With rollouts capped at ``max_running`` in flight instead, each tool wait leaves a hole
+  in the batch (``--cap-in-flight`` shows that case).
+* **timing**: from the first admission to the last completion (ramp-up and drain included
+  on both sides); one unmeasured warm-up round of each kind runs first; ``--rounds``
+  alternate rollouts and plain, and the ratio is over their summed tokens and seconds.
+
+Also printed: batch occupancy, the tokens sampled per engine step on each side (engine
+counters). It does not depend on what else the machine runs, unlike wall-clock tok/s on a
+shared CPU, and its ratio is the share of the batch the rollouts kept full.
+
+ratio = rollout tokens/s over plain tokens/s; goal >= 0.9 (tool waits hidden behind other
+sequences' decoding). N must be large against one rollout's own length (its turns plus
+its tool waits), or the last rollouts' tool waits, which nothing can hide, dominate.
+The model is the tests' tiny Qwen2 trained to write a tool-use rollout, so rollouts
+really call the tool.
+
+    python -m bench.generator [--kind vllm|hf] [--n 512] [--max-running 32] [--latency-ms 50 300]
 """
 
 from __future__ import annotations
@@ -14,86 +36,184 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
 
-async def _pool(n: int, concurrency: int, job) -> None:
-    limit = trio.Semaphore(concurrency)
+class Admission:
+    """Starts jobs while fewer than ``slots`` of them are generating on the engine.
 
-    async def run(i):
-        async with limit:
-            await job(i)
+    A job calls :meth:`park` when it leaves the engine (a tool call) and :meth:`unpark`
+    when it goes back; a job that has finished frees its slot.
+    """
 
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(run, i)
+    def __init__(self, slots: int, cap_in_flight: bool) -> None:
+        self.slots = slots
+        self.cap_in_flight = cap_in_flight  # count parked jobs against the slots too
+        self.generating = 0
+        self.in_flight = 0
+        self._changed = trio.Event()
+
+    def _busy(self) -> int:
+        return self.in_flight if self.cap_in_flight else self.generating
+
+    def park(self) -> None:
+        self.generating -= 1
+        self._wake()
+
+    def unpark(self) -> None:
+        self.generating += 1
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self, n: int, job: Callable[[int], Awaitable[None]]) -> None:
+        async def one(i: int) -> None:
+            try:
+                await job(i)
+            finally:
+                self.generating -= 1
+                self.in_flight -= 1
+                self._wake()
+
+        async with trio.open_nursery() as nursery:
+            i = 0
+            while i < n:
+                while i < n and self._busy() < self.slots:
+                    self.generating += 1
+                    self.in_flight += 1
+                    nursery.start_soon(one, i)
+                    i += 1
+                await self._changed.wait()
 
 
-async def bench(kind: str, model_dir: str, n: int, concurrency: int, latencies: list[float]) -> None:
+async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, float]]:
     from transformers import AutoTokenizer
 
     from actors.engines import EngineConfig, SamplingSpec, create_engine
     from actors.rollout import RolloutSpec, run_trajectory
     from tests._tiny import PROBLEM
-    from training.chat import prompt_messages
+    from training.chat import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompt = tok.encode(tok.apply_chat_template(prompt_messages(PROBLEM), add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    prompt = encode_prompt(tok, PROBLEM)
+    cfg = EngineConfig(kind=args.kind, max_model_len=2048, max_running=args.max_running, block_size=args.block_size)
+    print(
+        f"equal work: N={args.n} rollouts (temperature {args.temperature}, <= {args.max_tokens} tokens, <= {args.max_turns} turns) "
+        f"vs N plain requests generating the same token counts; admission keeps {args.max_running} sequences generating"
+        f"{' (capped: parked rollouts hold their slot)' if args.cap_in_flight else ' (parked rollouts free their slot)'}"
+    )
     t0 = time.perf_counter()
-    async with create_engine(EngineConfig(kind=kind, max_model_len=2048, max_running=concurrency), model_dir) as engine:
-        print(f"engine {kind}: start {time.perf_counter() - t0:.1f} s (incl. import), capacity {engine.capacity()}")
-        results: dict[str, tuple[float, float]] = {}
-        for lat in latencies:
-            model_tokens = 0
-            tool_calls = 0
+    results = []
+    async with create_engine(cfg, model_dir) as engine:
+        print(f"engine {engine._name}: start {time.perf_counter() - t0:.1f} s (incl. import), {cfg.model_dump(include={'max_running', 'prefix_caching', 'dtype', 'block_size'})}")
 
-            async def call_tool(code: str, turn: int) -> tuple[str, str]:
-                nonlocal tool_calls
-                tool_calls += 1
-                await trio.sleep(lat)
-                return "ok", "42"
+        async def rollouts(tag: str, n: int, lat: float) -> tuple[list[int], int, float]:
+            adm = Admission(args.max_running, args.cap_in_flight)
+            lengths = [0] * n
+            calls = 0
 
-            async def rollout(i):
-                nonlocal model_tokens
-                traj = await run_trajectory(engine, tok, RolloutSpec(f"l{lat}-{i}", prompt, 1024, 8, temperature=1.0), call_tool)
-                model_tokens += int(traj.loss_mask.sum())
+            async def job(i: int) -> None:
+                nonlocal calls
 
-            t = time.perf_counter()
-            await _pool(n, concurrency, rollout)
-            dt = time.perf_counter() - t
-            per_seq = model_tokens / n
-            # plain generation: same prompts, same concurrency, same model tokens per sequence, no tool waits
-            plain_tokens = 0
+                async def call_tool(code: str, turn: int) -> tuple[str, str]:
+                    nonlocal calls
+                    calls += 1
+                    adm.park()
+                    try:
+                        await trio.sleep(lat)
+                    finally:
+                        adm.unpark()
+                    return "ok", "42"
 
-            async def plain(i):
-                nonlocal plain_tokens
-                out = await engine.generate(f"p{lat}-{i}", prompt, SamplingSpec(max_tokens=max(1, round(per_seq))))
-                plain_tokens += len(out.token_ids)
+                spec = RolloutSpec(f"{tag}-r{i}", prompt, args.max_tokens, args.max_turns, temperature=args.temperature)
+                traj = await run_trajectory(engine, tok, spec, call_tool)
+                lengths[i] = int(traj.loss_mask.sum())
 
             t = time.perf_counter()
-            await _pool(n, concurrency, plain)
-            pdt = time.perf_counter() - t
-            roll_tps, plain_tps = model_tokens / dt, plain_tokens / pdt
+            c0 = engine.counters()
+            await adm.run(n, job)
+            c1 = engine.counters()
+            occupancy[0] += c1["tokens"] - c0["tokens"]
+            occupancy[1] += c1["steps"] - c0["steps"]
+            occupancy[4] += c1["step_seconds"] - c0["step_seconds"]
+            return lengths, calls, time.perf_counter() - t
+
+        async def plain(tag: str, lengths: list[int]) -> tuple[int, float]:
+            adm = Admission(args.max_running, False)
+            made = 0
+
+            async def job(i: int) -> None:
+                nonlocal made
+                spec = SamplingSpec(max_tokens=max(1, lengths[i]), temperature=args.temperature, ignore_eos=True)
+                out = await engine.generate(f"{tag}-p{i}", prompt, spec)
+                made += len(out.token_ids)
+
+            t = time.perf_counter()
+            c0 = engine.counters()
+            await adm.run(len(lengths), job)
+            c1 = engine.counters()
+            occupancy[2] += c1["tokens"] - c0["tokens"]
+            occupancy[3] += c1["steps"] - c0["steps"]
+            occupancy[5] += c1["step_seconds"] - c0["step_seconds"]
+            return made, time.perf_counter() - t
+
+        occupancy = [0, 0, 0, 0, 0.0, 0.0]  # rollout tokens, steps, plain tokens, steps, rollout / plain seconds in steps
+
+        # warm-up, not measured: both kinds, a full batch each
+        lengths, _, _ = await rollouts("warm", args.max_running, 0.0)
+        await plain("warm", lengths)
+        for lat in args.latency_ms:
+            # rounds alternate rollouts and plain, so a load change on a shared machine hits both sides
+            rt = rdt = pt = pdt = 0.0
+            occupancy[:] = [0, 0, 0, 0, 0.0, 0.0]
+            for rnd in range(args.rounds):
+                tag = f"l{lat:g}-{rnd}"
+                lengths, calls, dt = await rollouts(tag, args.n, lat / 1000)
+                made, p_dt = await plain(tag, lengths)
+                tokens = sum(lengths)
+                rt, rdt, pt, pdt = rt + tokens, rdt + dt, pt + made, pdt + p_dt
+                print(
+                    f"  round {rnd + 1}: rollouts {tokens / dt:.0f} tok/s ({tokens} model tokens, {calls / args.n:.1f} tool calls/rollout, {dt:.2f} s); "
+                    f"plain {made / p_dt:.0f} tok/s ({made} tokens, {p_dt:.2f} s); ratio {tokens / dt / (made / p_dt):.2f}",
+                    flush=True,
+                )
+            ratio = (rt / rdt) / (pt / pdt)
+            occ_r, occ_p = occupancy[0] / max(1, occupancy[1]), occupancy[2] / max(1, occupancy[3])
             print(
-                f"tool latency {lat * 1000:.0f} ms: rollouts {roll_tps:.0f} tok/s ({model_tokens} model tokens, {tool_calls} tool calls, {dt:.2f} s); "
-                f"plain {plain_tps:.0f} tok/s ({plain_tokens} tokens, {pdt:.2f} s); ratio {roll_tps / plain_tps:.2f} (goal >= 0.9)"
+                f"tool latency {lat:g} ms: rollouts {rt / rdt:.0f} tok/s, plain {pt / pdt:.0f} tok/s over {args.rounds} rounds; ratio {ratio:.2f} (goal >= 0.9); "
+                f"batch occupancy (tokens per engine step) rollouts {occ_r:.1f}, plain {occ_p:.1f}: ratio {occ_r / occ_p:.2f}; "
+                f"mean step rollouts {1000 * occupancy[4] / max(1, occupancy[1]):.2f} ms, plain {1000 * occupancy[5] / max(1, occupancy[3]):.2f} ms; "
+                f"time in steps rollouts {occupancy[4] / rdt:.0%}, plain {occupancy[5] / pdt:.0%}",
+                flush=True,
             )
+            results.append((lat, ratio))
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", default="auto", choices=["auto", "vllm", "hf"])
-    ap.add_argument("--n", type=int, default=64, help="rollouts (and plain requests) per measurement")
-    ap.add_argument("--concurrency", type=int, default=32, help="rollouts in flight on the engine")
+    ap.add_argument("--n", type=int, default=512, help="rollouts (and plain requests) per measurement")
+    ap.add_argument("--max-running", type=int, default=32, help="engine slots (sequences decoded together)")
     ap.add_argument("--latency-ms", type=float, nargs="+", default=[50, 300], help="tool-call latencies to measure")
+    ap.add_argument("--block-size", type=int, default=0, help="EngineConfig.block_size (vLLM KV block; 0 = vLLM's default)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rollout/plain rounds per latency")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=1024, help="rollout budget (model + tool tokens)")
+    ap.add_argument("--max-turns", type=int, default=8)
+    ap.add_argument("--cap-in-flight", action="store_true", help="count parked rollouts against the engine slots (the old, starved admission)")
     ap.add_argument("--model-dir", default=None, help="use this model directory instead of building the tiny tool-use model")
     args = ap.parse_args()
+    if args.n < 1 or args.max_running < 1:
+        ap.error(f"--n and --max-running must be >= 1, got {args.n}, {args.max_running}")
     from tests._tiny import build_tool_use_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or str(build_tool_use_model(tmp))
-        trio.run(bench, args.kind, model_dir, args.n, args.concurrency, [x / 1000 for x in args.latency_ms])
+        trio.run(bench, args, model_dir)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class EngineConfig(BaseModel):
     logprobs_mode: Literal["raw", "processed"] = "raw"  # raw: log p under the model; processed: after temperature/top-k/top-p
     device: str = "auto"  # transformers engine: cpu | cuda | auto
     warmup: bool = True  # run one tiny request at start so the first real step is not slow
+    block_size: int = Field(0, ge=0)  # vLLM KV block tokens; 0 = vLLM's default (128 on CPU, 16 on GPU). The prefix cache reuses whole blocks only
     prefix_caching: bool = True  # reuse the KV of a finished turn when the next turn's prompt extends it
 
 
@@ -176,6 +178,9 @@ class Engine:
         self._dead: BaseException | None = None
         self._version = 0
         self._capacity: dict[str, int] = {}
+        self._steps = 0  # engine-thread counters, see counters()
+        self._step_tokens = 0
+        self._step_seconds = 0.0
         self.start_seconds = math.nan  # wall time from __aenter__ to ready
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -247,6 +252,12 @@ class Engine:
         """Latest KV/slot snapshot (updated after each engine step): total_tokens, free_tokens,
         total_slots, free_slots, running, waiting."""
         return dict(self._capacity)
+
+    def counters(self) -> dict[str, float]:
+        """Since start: steps (batched model steps), tokens (sampled in them) and step_seconds
+        (wall time inside steps). tokens / steps is the mean batch occupancy: how full the
+        engine's batch was, whatever else the machine was doing."""
+        return dict(steps=self._steps, tokens=self._step_tokens, step_seconds=self._step_seconds)
 
     @property
     def running(self) -> int:
@@ -360,7 +371,11 @@ class Engine:
                     except queue.Empty:
                         cmd = None
                 if backend.has_work():
+                    t = time.perf_counter()
                     deltas = backend.step()
+                    self._step_seconds += time.perf_counter() - t
+                    self._steps += 1
+                    self._step_tokens += sum(len(d.token_ids) for d in deltas)
                     self._post(self._deliver, deltas, self._thread_version, backend.capacity())
                 else:
                     self._post(self._deliver, [], self._thread_version, backend.capacity())

@@ -83,6 +83,7 @@ class VLLMBackend(Backend):
             # A tool-use turn ends, the tool runs, and the next turn's prompt is the whole history
             # plus the tool response: with the prefix cache only the new tokens are prefilled.
             enable_prefix_caching=cfg.prefix_caching,
+            **({"block_size": cfg.block_size} if cfg.block_size else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
         self._scheduler = self._engine.engine_core.engine_core.scheduler
