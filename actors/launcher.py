@@ -236,11 +236,13 @@ class Launcher:
             self.status = "interrupted"
             self.say("[yellow]interrupted: stopping all actors[/]")
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop_all runs to its end
+            if previous is not None:  # stop_all runs to its end: a second Ctrl-C must not orphan the recorder
+                previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.stop_all()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
         if self.status == "ok":
             self.progress()
         self.say(f"run {self.status} in {time.monotonic() - t0:.0f}s; event log: {self.cfg.store_url()}")
