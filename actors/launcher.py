@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from actors.config import Config
+from actors.config import Config, actor_environment
 from protocol.events import ActorError, Envelope, new_event_id
 
 console = Console(highlight=False, soft_wrap=True)
@@ -98,9 +98,7 @@ class Launcher:
         p.log_path = self.run_dir / "logs" / f"{p.name}.log"
         out = open(p.log_path, "ab")
         cmd = [sys.executable, "-m", "actors.main", p.name, "--config", str(self.run_dir / "config.json")]
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env["RECKON_RESTARTS"] = str(p.restarts)
+        env = actor_environment(self.cfg, p.restarts)
         p.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
 

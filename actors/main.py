@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from actors.config import Config, ConfigError, load_config, role_of, socket_dir
+from actors.config import Config, ConfigError, actor_environment, load_config, role_of, socket_dir
 
 # vLLM on CPU: the engine in this process (start 2 s instead of 15 s); modest KV cache.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -89,7 +89,7 @@ def run_actors(names: list[str], config_path: str, overrides: list[str], config:
     stopping = False
 
     def spawn(name: str) -> None:
-        env = dict(os.environ, RECKON_RESTARTS=str(restarts[name]))
+        env = actor_environment(config, restarts[name])
         # Own process group: a terminal's Ctrl-C reaches this process only, which orders the stop.
         children[name] = subprocess.Popen([sys.executable, "-m", "actors.main", name, *extra], env=env,
                                           process_group=0)

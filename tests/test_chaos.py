@@ -4,8 +4,8 @@ the event log proves that every trajectory landed in exactly one batch (or was d
 RoC, on the record), none twice, none lost, no step trained twice.
 
 The kill moments are chosen so that each victim holds work when it dies: the learner
-during an SFT step; then, in the first RL steps, the generator mid-rollouts, the tool
-executor with a call pending, the verifier and the recorder while trajectories flow.
+during an SFT step; then, in the first RL steps, the verifier and the recorder while
+trajectories flow, the tool executor with a call pending, and the generator mid-rollouts.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ schedule = "constant"
 
 [[stages]]
 name = "rl1"
-steps = 5
+steps = 10             # enough RL steps that every kill lands before the run ends, even on a quiet box
 max_tokens = 128
 max_turns = 2
 prompts_per_step = 4
@@ -184,17 +184,16 @@ class Chaos:
         step = rng.choice([2, 3])
         if self.wait(lambda: (self.one("SELECT count(*) FROM batches WHERE step = ?", (step,)) or 0) > 0):
             self.kill("learner", (0.0, 0.4))
-        # Then, in the first RL steps: the generator mid-rollouts (the run waits for it);
-        # then, with the generator alive to resend what they held, the tool executor with a
-        # call in flight, and the verifier and the recorder (seeded order) while
-        # trajectories flow.
+        # Then, in the first RL steps, while trajectories flow: the verifier and the recorder
+        # (seeded order), the tool executor with a call in flight, and last the generator
+        # mid-rollouts (the run waits for it, with the others alive to resend what they held).
         if not self.wait(lambda: (self.one("SELECT count(*) FROM events WHERE type = 'RolloutRequested'") or 0) > 0):
             return
-        self.kill("generator-0", (0.3, 1.5), back=True)
+        for actor in rng.sample(["verifier-0", "recorder"], 2):
+            self.kill(actor, (0.1, 0.6))
         self.wait(lambda: (self.one("SELECT count(*) FROM tool_calls WHERE status IS NULL") or 0) > 0, 20)
         self.kill("tool-0", (0.0, 0.1))
-        for actor in rng.sample(["verifier-0", "recorder"], 2):
-            self.kill(actor, (0.2, 1.0))
+        self.kill("generator-0", (0.1, 0.8), back=True)
 
 
 def sql(log: sqlite3.Connection, text: str) -> list[tuple]:
