@@ -86,7 +86,7 @@ class StageSection(Section):
 
 class RolloutSection(Section):
     temperature: float = Field(default=1.0, ge=0)  # sampling temperature for training rollouts (paper: 1.0)
-    staleness: int = Field(default=0, ge=0)  # weight versions generation may run ahead (0 = on-policy)
+    staleness: int = Field(default=0, ge=0, le=1)  # weight versions generation may run ahead (0 = on-policy; 1 needs learner.old_logprobs = "generator")
     roc: RocConfig = Field(default_factory=RocConfig)  # Resample-on-Correct down-sampling (mode none = plain GRPO)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # where and when rollouts start
 
@@ -231,6 +231,15 @@ class Config(Section):
             raise ValueError(
                 f"store.url is empty but the actors run on several hosts ({', '.join(sorted(self.run_hosts()))}): "
                 "set it to a PostgreSQL URL the recorder's host reaches, e.g. postgresql+psycopg://USER@DBHOST/DB"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_staleness(self) -> Config:
+        if self.rollout.staleness and self.learner.old_logprobs != "generator":
+            raise ValueError(
+                'rollout.staleness = 1 needs learner.old_logprobs = "generator": rollouts of weights one version '
+                "behind need the generator's own logprobs in the PPO ratio (recomputed ones would make it 1)"
             )
         return self
 

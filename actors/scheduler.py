@@ -11,7 +11,9 @@ its end), and for every RL step:
    advantages over the kept group, and records the decision (GroupResampled);
 5. packs the kept trajectories into one BatchFormed for the learner, and waits for the
    step's TrainStepCompleted and the new weights (WeightsPublished) before the next step
-   (staleness 0: on-policy, as the paper).
+   (``rollout.staleness`` 0: on-policy, as the paper); with staleness 1 the next step's
+   rollouts start at once, while the learner trains, on weights one version behind (every
+   token records the version that produced it).
 
 Supervision (actors/supervision.py): work sent to a generator, verifier or the learner is
 acknowledged by them only when done, so the links resend it to a restarted actor. Results
@@ -109,6 +111,7 @@ class Scheduler:
         self.step = 0  # global optimizer step (SFT and RL)
         self.weights_version = 0
         self.train_done: dict[int, TrainStepCompleted] = {}
+        self.training: list[int] = []  # steps sent to the learner whose weights are not yet published
         self.changed = trio.Event()
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -274,13 +277,30 @@ class Scheduler:
     # ------------------------------------------------------------ training
 
     async def train(self, batch: BatchFormed) -> TrainStepCompleted:
+        """Train one batch and wait for the weights it produces (SFT steps; RL steps use submit)."""
+        self.submit(batch)
+        await self.settle_training(0)
+        return self.train_done[batch.step]
+
+    def submit(self, batch: BatchFormed) -> None:
+        """Send a batch to the learner without waiting for it."""
         self.ctx.emit(batch, to=["learner"])
-        step = batch.step
-        await self.wait_until(lambda: step in self.train_done)
-        done = self.train_done[step]
-        # Staleness 0: the next step's rollouts start on the weights this step produced.
-        await self.wait_until(lambda: self.weights_version >= done.weights_version)
-        return done
+        self.training.append(batch.step)
+
+    def _trained(self, step: int) -> bool:
+        done = self.train_done.get(step)
+        return done is not None and self.weights_version >= done.weights_version
+
+    async def settle_training(self, ahead: int) -> None:
+        """Wait until at most ``ahead`` submitted steps are untrained or their weights unpublished.
+
+        ``rollout.staleness`` is the ``ahead`` allowed before an RL step's rollouts start:
+        0 = on-policy (the next rollouts use the weights the last batch produced, as the
+        paper); 1 = the next step's rollouts start while the learner trains the last
+        batch, on weights one version behind.
+        """
+        await self.wait_until(lambda: sum(not self._trained(s) for s in self.training) <= ahead)
+        self.training = [s for s in self.training if not self._trained(s)]
 
     def pack(self, seqs: list[tuple[str, list[int], list[int], list[int], list[float]]], advantages, **kw) -> BatchFormed:
         """seqs: (rollout_id, prompt_ids, response_ids, response_mask, response_logprobs)."""
@@ -357,6 +377,7 @@ class Scheduler:
                 self.rng.shuffle(more)
                 order += more
             chosen, order = order[: stage.prompts_per_step], order[stage.prompts_per_step :]
+            await self.settle_training(self.cfg.rollout.staleness)
             self.step += 1
             seqs, advs = [], []
             # Groups whose rewards are all equal carry no signal and are dropped; when a whole
@@ -380,7 +401,8 @@ class Scheduler:
                 seqs, advs, step=self.step, stage=stage.name, kind="rl", lr=stage.lr,
                 optimizer_reset=stage.optimizer_reset and k == 0,
             )
-            await self.train(batch)
+            self.submit(batch)
+        await self.settle_training(0)  # the stage's evaluation and the next stage see its last weights
 
     def resample(self, step: Step, stage: StageSection):
         """RoC down-sample every group of the step; returns the kept sequences and advantages."""
