@@ -239,6 +239,7 @@ class Inbox:
         self._monitor: _Pump | None = None
         if self.curve:
             mon = self.sock.get_monitor_socket(_HANDSHAKE_FAILED)
+            mon.setsockopt(zmq.LINGER, 0)  # else a context dropped without close() blocks forever in term()
             self._monitor = _Pump(mon, self._on_monitor)
         self.sock.bind(address)
         # Received events wait here for the consumer (unbounded: a sender's unacked window
