@@ -24,23 +24,11 @@ from actors.runtime import Context
 from protocol.codec import MAX_FRAME_BYTES, burst, encode
 from protocol.events import REGISTRY, Envelope, Heartbeat, new_event_id
 from protocol.transport import Link
+from tests.test_protocol import _sample, envelope
 
 RUN = "run-fuzz"
 FRAMES_PER_INBOX = 100_000
 _ARRAY_MARKERS = set(range(0x90, 0xA0)) | {0xDC, 0xDD}
-
-
-def _sample(tp, rng: random.Random):
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        _, meta = typing.get_args(tp)
-        return np.arange(rng.randrange(0, 20), dtype=np.int32 if meta == "int32" else np.float32)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
-        return _sample(typing.get_args(tp)[0], rng)
-    if origin in (list, dict):
-        return {list: [1, "a"], dict: {"k": 1}}[origin]
-    return {int: rng.randrange(1000), float: rng.random(), str: "x" * rng.randrange(0, 30), bool: True,
-            list: [1, "a"], dict: {"k": 1}}.get(tp, None)
 
 
 def _payloads(rng: random.Random) -> list:
@@ -53,7 +41,7 @@ def _payloads(rng: random.Random) -> list:
 
 
 def _envelope(payload, run_id: str = RUN) -> Envelope:
-    return Envelope(new_event_id(), payload.TYPE, payload.VERSION, run_id, "fuzzer-0", 0, 1.0, None, payload)
+    return envelope(payload, run_id=run_id, source="fuzzer-0", ts=1.0)
 
 
 class Corpus:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
+import types
 import typing
 
 import msgpack
@@ -25,13 +27,21 @@ from protocol.events import (
 from protocol.transport import Inbox, Link, RejectLog
 
 
-def _sample(tp):
+def _sample(tp, rng: random.Random | None = None):
+    """A value of type ``tp`` for an event field: fixed, or drawn from ``rng`` (the fuzz corpus)."""
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         base, meta = typing.get_args(tp)
-        return np.arange(5, dtype=np.int32 if meta == "int32" else np.float32)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
-        return _sample(typing.get_args(tp)[0])
+        n = rng.randrange(0, 20) if rng else 5
+        return np.arange(n, dtype=np.int32 if meta == "int32" else np.float32)
+    if origin in (typing.Union, types.UnionType):
+        return _sample(typing.get_args(tp)[0], rng)
+    if origin in (list, dict):
+        return {list: [1, "a"], dict: {"k": 1}}[origin]
+    if rng:
+        drawn = {int: rng.randrange(1000), float: rng.random(), str: "x" * rng.randrange(0, 30)}
+        if tp in drawn:
+            return drawn[tp]
     return {int: 7, float: 0.5, str: "x", bool: True, list: [1, "a"], dict: {"k": 1}}.get(tp, tp)
 
 
