@@ -272,7 +272,7 @@ class Inbox:
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason = f"authentication refused (ZAP status {value})"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            reason = f"handshake failed: {_PROTOCOL_ERRORS.get(value, value)}"
+            reason = f"handshake failed ({_PROTOCOL_ERRORS.get(value, value)})"
         else:
             reason = f"handshake failed ({zmq.strerror(value) if value else 'no detail'})"
         self.refusals(reason)
