@@ -62,6 +62,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP = 1, 4, 22
 PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 38, 36
 PR_SET_NAME = 15
 SECCOMP_MODE_FILTER = 2
+SCMP_FLTATR_CTL_OPTIMIZE = 8  # libseccomp's enum scmp_filter_attr
 MADV_COLLAPSE = 25
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY = 0x1
@@ -154,6 +155,12 @@ def build_seccomp_program() -> _SockFprog:
     if not ctx:
         raise OSError(errno.EINVAL, "seccomp_init failed")
     try:
+        # A binary tree of syscall numbers instead of one long chain of comparisons
+        # (libseccomp >= 2.5; older versions keep the chain). The kernel runs the filter
+        # once per syscall number when it is loaded, to cache which syscalls are always
+        # allowed: with the chain, that took ~100 us per call child.
+        lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+        lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2)
         def add(name: str, action: int, *cmps: _ScmpArgCmp) -> None:
             nr = lib.seccomp_syscall_resolve_name(name.encode())
             if nr < 0:  # not a syscall on this architecture (e.g. fork on aarch64)
@@ -489,9 +496,9 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
 
     Forked ahead of time (fork-ahead): everything that does not depend on the request is
     done before it arrives, while the process is still the slot's root and runs nothing
-    untrusted; the uid drop, rlimits, no_new_privs and seccomp come right after the
-    request is read and before the first line of its code. If the slot dies meanwhile,
-    the read sees EOF and the child exits. Never returns.
+    untrusted (no_new_privs and the seccomp filter included); the uid drop and the CPU and
+    AS limits come right after the request is read and before the first line of its
+    code. If the slot dies meanwhile, the read sees EOF and the child exits. Never returns.
     """
     try:
         os.setsid()
@@ -514,6 +521,14 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
             resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_threads"], cfg["max_threads"]))
             os.setgroups([])
             os.setresgid(uid, uid, uid)
+        # The syscall filter too: it does not depend on the call, denies nothing the rest
+        # of this setup needs, and loading it costs ~60 us (the kernel compiles the BPF and
+        # runs it once per syscall number to build its cache), so it is in place before the
+        # request, not after. no_new_privs first: it is what lets a non-root slot load it.
+        if features.get("no_new_privs"):
+            _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if seccomp_prog is not None:
+            _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(seccomp_prog))
 
         # ---- wait for the call (the slot closes its end after writing it)
         chunks = []
@@ -530,10 +545,6 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         # After the uid change, which clears both settings.
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _prctl(PR_SET_DUMPABLE, 0)
-        if features.get("no_new_privs"):
-            _prctl(PR_SET_NO_NEW_PRIVS, 1)
-        if seccomp_prog is not None:
-            _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(seccomp_prog))
         code = _run_user_code(code)
         if "threading" in sys.modules:  # like interpreter exit: wait for non-daemon threads
             threading = sys.modules["threading"]
