@@ -113,3 +113,27 @@ def test_reload_weights_serves_the_new_weights(kind, model_dir, tmp_path):
     new = _plain_logprobs(other, ids)[3:]
     assert np.abs(_plain_logprobs(model_dir, ids)[3:] - new).max() > 1e-2  # the two models really differ
     np.testing.assert_allclose(out.logprobs, new, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_vllm_seeded_requests_whose_prompts_overflow_one_step(model_dir):
+    """Seeded sampling with more prompt tokens than one engine step takes (reckon eval: k samples
+    of many problems at once). vLLM's CPU build split such prefills across steps and then died
+    rewinding the per-request generator ("CPU Generator does not use offset")."""
+
+    async def round_():
+        async with create_engine(EngineConfig(kind="vllm", max_model_len=512, max_running=16), model_dir) as engine:
+            outs = {}
+
+            async def one(i):
+                prompt = [1 + (i + j) % 50 for j in range(450)]
+                outs[i] = await engine.generate(f"s{i}", prompt, SamplingSpec(max_tokens=8, seed=100 + i))
+
+            async with trio.open_nursery() as nursery:  # 12 x 450 prompt tokens, all waiting together
+                for i in range(12):
+                    nursery.start_soon(one, i)
+            return {i: list(o.token_ids) for i, o in outs.items()}
+
+    first = trio.run(round_)
+    assert len(first) == 12 and all(1 <= len(t) <= 8 for t in first.values())
+    assert trio.run(round_) == first  # per-request seeds: the same samples again

