@@ -51,6 +51,7 @@ class ModelSection(Section):
     tiny_heads: int = 4  # tiny model: attention heads (head_dim = hidden / heads)
     tiny_kv_heads: int = 2  # tiny model: key/value heads
     tiny_vocab: int = 512  # tiny model: BPE vocabulary size (before added tokens)
+    tiny_pretrain_steps: int = Field(0, ge=0)  # tiny model: copy-corpus pretraining steps, making it a base model (0 = random init)
 
 
 class SFTSection(Section):
@@ -145,6 +146,10 @@ class LauncherSection(Section):
     # with one spinning OpenMP thread per core each, a vLLM CPU step took 300-430 ms instead of
     # 4-6 ms on 2 shared cores (docs/generator.md).
     cpu_threads: int = Field(1, ge=0)
+    # The learner's threads (0 = cpu_threads). At staleness 0 the learner trains while the
+    # generators wait for its weights, so it may take every core: an SFT step of the demo took
+    # 0.25 s on 2 threads against ~0.5 s on 1.
+    learner_threads: int = Field(0, ge=0)
 
 
 class Config(Section):
@@ -311,13 +316,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return parse_config(data, str(path))
 
 
-def actor_environment(cfg: Config, restarts: int = 0, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment an actor process starts with: ``base`` (default: this process's),
-    the restart count, and thread limits from ``launcher.cpu_threads`` where the user set none."""
+def actor_environment(cfg: Config, restarts: int = 0, base: dict[str, str] | None = None, name: str = "") -> dict[str, str]:
+    """The environment actor ``name`` starts with: ``base`` (default: this process's), the
+    restart count, and thread limits from ``launcher.cpu_threads`` (the learner's from
+    ``launcher.learner_threads`` when set) where the user set none."""
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["RECKON_RESTARTS"] = str(restarts)
     threads = cfg.launcher.cpu_threads
+    if name == "learner" and cfg.launcher.learner_threads:
+        threads = cfg.launcher.learner_threads
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
         env.setdefault("MKL_NUM_THREADS", str(threads))

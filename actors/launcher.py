@@ -61,7 +61,7 @@ def prepare_run(cfg: Config) -> Config:
             build_tiny_model(
                 str(model_dir), corpus=tokenizer_corpus(seed=cfg.run.seed), vocab_size=m.tiny_vocab,
                 hidden_size=m.tiny_hidden, layers=m.tiny_layers, heads=m.tiny_heads, kv_heads=m.tiny_kv_heads,
-                seed=cfg.run.seed,
+                seed=cfg.run.seed, pretrain_steps=m.tiny_pretrain_steps,
             )
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(model_dir)})})
     from actors.config import socket_dir
@@ -98,7 +98,7 @@ class Launcher:
         p.log_path = self.run_dir / "logs" / f"{p.name}.log"
         out = open(p.log_path, "ab")
         cmd = [sys.executable, "-m", "actors.main", p.name, "--config", str(self.run_dir / "config.json")]
-        env = actor_environment(self.cfg, p.restarts)
+        env = actor_environment(self.cfg, p.restarts, name=p.name)
         p.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
 

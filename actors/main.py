@@ -89,7 +89,7 @@ def run_actors(names: list[str], config_path: str, overrides: list[str], config:
     stopping = False
 
     def spawn(name: str) -> None:
-        env = actor_environment(config, restarts[name])
+        env = actor_environment(config, restarts[name], name=name)
         # Own process group: a terminal's Ctrl-C reaches this process only, which orders the stop.
         children[name] = subprocess.Popen([sys.executable, "-m", "actors.main", name, *extra], env=env,
                                           process_group=0)

@@ -60,3 +60,16 @@ def test_missing_and_broken_files(tmp_path):
 def test_role_of():
     assert role_of("generator-12") == "generator" and role_of("tool-0") == "tool_executor"
     assert role_of("recorder") == "recorder"
+
+
+def test_actor_environment_threads_learner_may_take_more():
+    from actors.config import Config, actor_environment
+
+    cfg = Config.model_validate({"launcher": {"cpu_threads": 1, "learner_threads": 2}})
+    base = {"PATH": "/bin"}
+    assert actor_environment(cfg, base=base, name="generator-0")["OMP_NUM_THREADS"] == "1"
+    learner = actor_environment(cfg, 2, base=base, name="learner")
+    assert learner["OMP_NUM_THREADS"] == "2" and learner["MKL_NUM_THREADS"] == "2" and learner["RECKON_RESTARTS"] == "2"
+    assert actor_environment(cfg, base={"OMP_NUM_THREADS": "4"}, name="learner")["OMP_NUM_THREADS"] == "4"  # the user's wins
+    plain = Config.model_validate({"launcher": {"cpu_threads": 1}})
+    assert actor_environment(plain, base=base, name="learner")["OMP_NUM_THREADS"] == "1"
