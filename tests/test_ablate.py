@@ -133,7 +133,7 @@ def test_real_ablation_of_a_tiny_recipe(tmp_path) -> None:
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(base.split("[[stages]]")[0] + stage + "[rollout]" + base.split("[rollout]")[1])
     sets = ["sft.epochs=0.25", "sft.batch_size=16", "demo.n_sft=320", "eval.max_problems=2", "eval.k=2",
-            "generator.count=1", "generator.engine.max_model_len=512"]  # fmt: skip
+            "generator.count=1", "generator.engine.max_model_len=512", "model.tiny_pretrain_steps=0"]  # fmt: skip
     cmd = [sys.executable, "-m", "actors.cli", "ablate", str(cfg), "--out", str(tmp_path / "ab"), "-q"]
     for s in sets:
         cmd += ["--set", s]

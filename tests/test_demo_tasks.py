@@ -137,3 +137,18 @@ def test_tokenizer_corpus_has_no_chat_tokens():
     corpus = tokenizer_corpus(n=30)
     assert len(corpus) == 30
     assert not any("<|im_start|>" in t or "<tool_call>" in t for t in corpus)
+
+
+def test_retry_demos_fix_the_failed_call_and_copy_the_answer():
+    convs, train = demos(n=300, tool_fraction=1.0, buggy_fraction=1.0, retry_fraction=1.0)
+    by_text = {p.problem: p for p in train}
+    for conv in convs:
+        p = by_text[conv[1]["content"]]
+        assert [m["role"] for m in conv[2:]] == ["assistant", "tool", "assistant", "tool", "assistant"]
+        assert "Tool call failure" in conv[3]["content"]
+        assert parse_tool_call(conv[4]["content"]) == p.code  # the second call is the right code
+        assert conv[5]["content"] == render_tool_output(f"{p.answer}\n")
+        assert conv[6]["content"] == answer_text(p.answer)
+    mixed, _ = demos(n=1000, tool_fraction=1.0, buggy_fraction=1.0, retry_fraction=0.5)
+    retried = sum(len(c) == 7 for c in mixed) / len(mixed)
+    assert 0.4 < retried < 0.6  # the rest fail and guess, as before

@@ -17,6 +17,7 @@ OVERRIDES = [
     "sft.epochs=0.5", "sft.batch_size=16", "demo.n_sft=960",  # 30 SFT steps: enough to learn the format
     "eval.max_problems=4", "eval.k=2",
     "generator.count=1", "generator.engine.max_model_len=512",
+    "model.tiny_pretrain_steps=0",  # the mechanics only: no base-model pretraining
 ]
 
 STAGE = """

@@ -35,7 +35,7 @@ ADDED_TOKENS = [TOOL_CALL_START, TOOL_CALL_END, TOOL_RESPONSE_START, TOOL_RESPON
 
 TOOL_NAME = "python"
 
-SYSTEM_PROMPT = "Solve it. Python runs in <tool_call>. Answer as <answer>\\boxed{N}</answer>."
+SYSTEM_PROMPT = "Solve it. Python runs in <tool_call>. Put the final integer in <answer> tags."
 
 # Roles: system, user, assistant (content may contain tool calls), tool (a tool response).
 # No whitespace control: the string has no stray whitespace, and every "\n" is part of the format.

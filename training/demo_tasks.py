@@ -174,6 +174,7 @@ class DemoConfig(BaseModel):
     n_sft: int = 2000  # SFT demonstrations
     tool_fraction: float = Field(0.35, ge=0.0, le=1.0)  # share of demonstrations that call the tool
     buggy_fraction: float = Field(0.3, ge=0.0, le=1.0)  # share of those tool calls whose code fails
+    retry_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of failed calls the model fixes in a second call (else it guesses)
     lucky_guess_fraction: float = Field(0.1, ge=0.0, le=1.0)  # share of direct answers that happen to be right
     families: tuple[str, ...] = FAMILIES[:4]  # problem families (see FAMILIES); mulmod/powmod2 have 2-digit answers
 
@@ -199,27 +200,30 @@ def sft_conversation(p: DemoProblem, mode: str, rng: random.Random, *, system: s
     """One demonstration for ``p`` as a message list (system, user, assistant, [tool, assistant]).
 
     ``mode``: ``"tool"`` (correct code, answer copied from stdout), ``"buggy"`` (the code
-    fails, the model then guesses), ``"direct"`` (no tool, a guess, wrong unless lucky).
+    fails, the model then guesses), ``"retry"`` (the code fails, the model fixes it in a
+    second call and copies the answer: right, but with a tool error on the way, the kind of
+    trajectory RoC ranks below a clean one), ``"direct"`` (no tool, a guess, wrong unless lucky).
     """
+    if mode not in ("tool", "buggy", "retry", "direct"):
+        raise ValueError(f"unknown demonstration mode {mode!r}; use 'tool', 'buggy', 'retry' or 'direct'")
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": p.problem}]
-    if mode == "tool":
-        msgs += [
-            {"role": "assistant", "content": TOOL_PREAMBLE + tool_call_text(p.code)},
-            {"role": "tool", "content": render_tool_output(f"{p.answer}\n")},
-            {"role": "assistant", "content": answer_text(p.answer)},
-        ]
-    elif mode == "buggy":
+    if mode == "direct":
+        return msgs + [{"role": "assistant", "content": answer_text(wrong_guess(p.answer, rng))}]
+    preamble = TOOL_PREAMBLE
+    if mode in ("buggy", "retry"):
         code, stderr = buggy_variant(p, rng)
         msgs += [
             {"role": "assistant", "content": TOOL_PREAMBLE + tool_call_text(code)},
             {"role": "tool", "content": render_tool_output("", stderr + "\n")},
-            {"role": "assistant", "content": answer_text(wrong_guess(p.answer, rng))},
         ]
-    elif mode == "direct":
-        msgs.append({"role": "assistant", "content": answer_text(wrong_guess(p.answer, rng))})
-    else:
-        raise ValueError(f"unknown demonstration mode {mode!r}; use 'tool', 'buggy' or 'direct'")
-    return msgs
+        if mode == "buggy":
+            return msgs + [{"role": "assistant", "content": answer_text(wrong_guess(p.answer, rng))}]
+        preamble = ""  # the fixed call follows the error at once
+    return msgs + [
+        {"role": "assistant", "content": preamble + tool_call_text(p.code)},
+        {"role": "tool", "content": render_tool_output(f"{p.answer}\n")},
+        {"role": "assistant", "content": answer_text(p.answer)},
+    ]
 
 
 def make_sft_demos(problems: list[DemoProblem], cfg: DemoConfig) -> list[list[dict]]:
@@ -237,6 +241,8 @@ def make_sft_demos(problems: list[DemoProblem], cfg: DemoConfig) -> list[list[di
         r = rng.random()
         if r < cfg.tool_fraction:
             mode = "buggy" if rng.random() < cfg.buggy_fraction else "tool"
+            if mode == "buggy" and cfg.retry_fraction and rng.random() < cfg.retry_fraction:
+                mode = "retry"
             demos.append(sft_conversation(p, mode, rng))
         else:
             conv = sft_conversation(p, "direct", rng)

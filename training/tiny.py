@@ -35,6 +35,7 @@ class TinyModelConfig(BaseModel):
     intermediate_size: int | None = None  # MLP width; None = 4 * hidden_size
     max_position_embeddings: int = 2048  # longest sequence the model accepts
     seed: int = 0  # weight initialisation seed
+    pretrain_steps: int = Field(0, ge=0)  # base-model pretraining on the copy corpus (0 = leave it random)
 
     @model_validator(mode="after")
     def _check_shape(self) -> TinyModelConfig:
@@ -94,11 +95,14 @@ def build_tiny_model(
     kv_heads: int = TinyModelConfig.model_fields["kv_heads"].default,
     intermediate_size: int | None = None,
     seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> str:
     """Write a random-init fp32 Qwen2ForCausalLM (tied embeddings) and its tokenizer to ``out_dir``.
 
     ``corpus``: texts to train the BPE on; default: rendered demo conversations
-    (:func:`training.demo_tasks.tokenizer_corpus`). Returns ``out_dir`` as a string.
+    (:func:`training.demo_tasks.tokenizer_corpus`). ``pretrain_steps`` > 0 pretrains the
+    random init on the copy corpus (:func:`pretrain_copy`) before saving, so the result is
+    a tiny *base* model. Returns ``out_dir`` as a string.
     Raises ValueError (pydantic) on a shape vLLM's CPU backend cannot run.
     """
     cfg = TinyModelConfig(
@@ -109,6 +113,7 @@ def build_tiny_model(
         kv_heads=kv_heads,
         intermediate_size=intermediate_size,
         seed=seed,
+        pretrain_steps=pretrain_steps,
     )
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -140,12 +145,45 @@ def build_tiny_model(
     )
     torch.manual_seed(cfg.seed)
     model = Qwen2ForCausalLM(model_cfg).to(torch.float32)
+    if cfg.pretrain_steps:
+        pretrain_copy(model, cfg.pretrain_steps, vocab=len(tokenizer), seed=cfg.seed)
     # Sample the full distribution (HF would otherwise default to top_k=50; vLLM reads this file too).
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos_id, pad_token_id=pad_id
     )
     model.save_pretrained(out)
     return str(out)
+
+
+def pretrain_copy(model, steps: int, *, vocab: int, seed: int = 0, batch_size: int = 32, span: int = 40,
+                  lr: float = 3e-3) -> list[float]:
+    """Pretrain ``model`` in place to copy: each sequence is a random token span written twice.
+
+    Why: a pretrained base model (the paper starts from Qwen3-14B-Base) can continue a
+    text by copying what it read earlier (induction heads); a random init cannot, and
+    learning that inside SFT costs hundreds of steps before the first number is copied
+    right into code. Random spans over the whole vocabulary carry no task content: no
+    problems, no answers, no chat or tool format. The loss is on the second copy only.
+    Deterministic in ``seed``. Returns the loss of each step.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(0, vocab, (batch_size, span), generator=gen)
+        ids = torch.cat([x, x], dim=1)
+        logits = model(input_ids=ids).logits[:, span:-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, span + 1 :].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 _DEFAULTS = TinyModelConfig.model_fields
@@ -159,11 +197,13 @@ def make_tiny_model_command(
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (divides heads).")] = _DEFAULTS["kv_heads"].default,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size before chat tokens.")] = _DEFAULTS["vocab_size"].default,
     seed: Annotated[int, typer.Option(help="Initialisation and corpus seed.")] = _DEFAULTS["seed"].default,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretrain on the copy corpus for this many steps (0: random init).")] = 0,
 ) -> None:
     """Build a tiny random-init Qwen2 model and a local byte-level BPE tokenizer in OUT_DIR."""
     try:
         path = build_tiny_model(
-            out_dir, vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed
+            out_dir, vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed,
+            pretrain_steps=pretrain_steps,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
