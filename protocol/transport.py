@@ -35,6 +35,7 @@ running on the same zmq context; links given ``curve`` keys authenticate with th
 from __future__ import annotations
 
 import collections
+import errno
 import re
 import time
 from typing import Callable
@@ -273,6 +274,10 @@ class Inbox:
             reason = f"authentication refused (ZAP status {value})"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             reason = f"handshake failed ({_PROTOCOL_ERRORS.get(value, value)})"
+        elif value in (errno.EPIPE, errno.ECONNRESET):
+            # Which side sees a mechanism mismatch first is a race: when it is the peer
+            # (e.g. a plain-text one), it hangs up and this side only sees the broken pipe.
+            reason = f"handshake failed (the peer hung up mid-handshake: {zmq.strerror(value)})"
         else:
             reason = f"handshake failed ({zmq.strerror(value) if value else 'no detail'})"
         self.refusals(reason)

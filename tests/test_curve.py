@@ -62,6 +62,12 @@ def test_a_curve_inbox_needs_an_authenticator(tmp_path):
         zctx.destroy(0)
 
 
+def _plain_text_refused(reason: str) -> bool:
+    """The plain-text peer's refusal as the server logs it: whichever side reads the other's
+    greeting first sees the mechanism mismatch; when that is the peer, it hangs up."""
+    return "mechanism mismatch" in reason or "hung up mid-handshake" in reason
+
+
 def test_only_holders_of_a_run_key_get_events_in(tmp_path):
     """A run key delivers; a foreign key, a forged secret for a run key, and plain text are refused."""
     generate_keys(tmp_path, ["recorder", "generator-0"])
@@ -100,7 +106,7 @@ def test_only_holders_of_a_run_key_get_events_in(tmp_path):
                 reasons = list(inbox.refusals.kinds)
                 return (zap.refused >= 1 and inbox.refused_connections >= 3
                         and any(r.startswith("authentication refused") for r in reasons)
-                        and any("mechanism mismatch" in r for r in reasons)
+                        and any(_plain_text_refused(r) for r in reasons)
                         and any("cryptographic" in r for r in reasons))
 
             with trio.fail_after(60):  # generous: a loaded CI box
@@ -124,7 +130,7 @@ def test_only_holders_of_a_run_key_get_events_in(tmp_path):
         # Every refusal is logged with a reason naming what was wrong, one kind each.
         reasons = list(inbox.refusals.kinds)
         assert any(r.startswith("authentication refused") for r in reasons), reasons  # foreign key
-        assert any("mechanism mismatch" in r for r in reasons), reasons  # plain text
+        assert any(_plain_text_refused(r) for r in reasons), reasons  # plain text
         assert any("cryptographic" in r for r in reasons), reasons  # forged secret for a run key
         assert inbox.refused_connections >= 3
         for link in links.values():
