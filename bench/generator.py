@@ -3,7 +3,7 @@
 What is compared (same engine, same settings, same model, same prompt, equal work):
 
 * **rollouts**: N multi-turn tool-use rollouts (``actors.rollout.run_trajectory``) whose every
-  tool call sleeps the configured latency (50 ms, 300 ms). Counted: model tokens (loss-mask
+  tool call sleeps the configured latency (0, 50, 300 ms). Counted: model tokens (loss-mask
   1); the tool-response tokens are not generated and not counted.
 * **plain**: N single ``engine.generate`` requests on the same prompt, request i generating
   exactly as many tokens as rollout i's model tokens (``ignore_eos``), so both sides
@@ -23,12 +23,16 @@ counters). It does not depend on what else the machine runs, unlike wall-clock t
 shared CPU, and its ratio is the share of the batch the rollouts kept full.
 
 ratio = rollout tokens/s over plain tokens/s; goal >= 0.9 (tool waits hidden behind other
-sequences' decoding). N must be large against one rollout's own length (its turns plus
-its tool waits), or the last rollouts' tool waits, which nothing can hide, dominate.
+sequences' decoding). Also printed: the ratio over the first-full-batch-to-last-admission
+window (steady state, no ramp-up or drain), and each latency's ratio over the 0 ms one:
+0 ms rollouts do the same multi-turn work with nothing to wait for, so that quotient is
+the share of the tool wait that was hidden. N must be large against one rollout's own
+length (its turns plus its tool waits), or the last rollouts' tool waits, which nothing can
+hide, dominate.
 The model is the tests' tiny Qwen2 trained to write a tool-use rollout, so rollouts
 really call the tool.
 
-    python -m bench.generator [--kind vllm|hf] [--n 512] [--max-running 32] [--latency-ms 50 300]
+    python -m bench.generator [--kind vllm|hf] [--n 512] [--max-running 32] [--latency-ms 0 50 300]
 """
 
 from __future__ import annotations
@@ -46,14 +50,20 @@ class Admission:
 
     A job calls :meth:`park` when it leaves the engine (a tool call) and :meth:`unpark`
     when it goes back; a job that has finished frees its slot.
+
+    ``window``: the steady state, from the admission that first filled the slots to the
+    last admission (jobs were always waiting to start in between), as (seconds, tokens
+    sampled by the engine in them) read from ``tokens()``.
     """
 
-    def __init__(self, slots: int, cap_in_flight: bool) -> None:
+    def __init__(self, slots: int, cap_in_flight: bool, tokens: Callable[[], float] = lambda: 0.0) -> None:
         self.slots = slots
         self.cap_in_flight = cap_in_flight  # count parked jobs against the slots too
         self.generating = 0
         self.in_flight = 0
         self._changed = trio.Event()
+        self._tokens = tokens
+        self.window = (0.0, 0.0)
 
     def _busy(self) -> int:
         return self.in_flight if self.cap_in_flight else self.generating
@@ -78,6 +88,7 @@ class Admission:
                 self.in_flight -= 1
                 self._wake()
 
+        start = (time.perf_counter(), self._tokens())
         async with trio.open_nursery() as nursery:
             i = 0
             while i < n:
@@ -86,6 +97,10 @@ class Admission:
                     self.in_flight += 1
                     nursery.start_soon(one, i)
                     i += 1
+                    if i == self.slots:
+                        start = (time.perf_counter(), self._tokens())
+                    if i == n:
+                        self.window = (time.perf_counter() - start[0], self._tokens() - start[1])
                 await self._changed.wait()
 
 
@@ -111,7 +126,7 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
         print(f"engine {engine._name}: start {time.perf_counter() - t0:.1f} s (incl. import), {cfg.model_dump(include={'max_running', 'prefix_caching', 'dtype', 'block_size'})}")
 
         async def rollouts(tag: str, n: int, lat: float) -> tuple[list[int], int, float]:
-            adm = Admission(args.max_running, args.cap_in_flight)
+            adm = Admission(args.max_running, args.cap_in_flight, lambda: engine.counters()["tokens"])
             lengths = [0] * n
             calls = 0
 
@@ -139,10 +154,12 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
             occupancy[0] += c1["tokens"] - c0["tokens"]
             occupancy[1] += c1["steps"] - c0["steps"]
             occupancy[4] += c1["step_seconds"] - c0["step_seconds"]
+            steady[0] += adm.window[0]
+            steady[1] += adm.window[1]
             return lengths, calls, time.perf_counter() - t
 
         async def plain(tag: str, lengths: list[int]) -> tuple[int, float]:
-            adm = Admission(args.max_running, False)
+            adm = Admission(args.max_running, False, lambda: engine.counters()["tokens"])
             made = 0
 
             async def job(i: int) -> None:
@@ -158,9 +175,12 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
             occupancy[2] += c1["tokens"] - c0["tokens"]
             occupancy[3] += c1["steps"] - c0["steps"]
             occupancy[5] += c1["step_seconds"] - c0["step_seconds"]
+            steady[2] += adm.window[0]
+            steady[3] += adm.window[1]
             return made, time.perf_counter() - t
 
         occupancy = [0, 0, 0, 0, 0.0, 0.0]  # rollout tokens, steps, plain tokens, steps, rollout / plain seconds in steps
+        steady = [0.0, 0.0, 0.0, 0.0]  # steady-state window: rollout seconds, tokens, plain seconds, tokens
 
         # warm-up, not measured: both kinds, a full batch each
         lengths, _, _ = await rollouts("warm", args.max_running, 0.0)
@@ -169,6 +189,7 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
             # rounds alternate rollouts and plain, so a load change on a shared machine hits both sides
             rt = rdt = pt = pdt = 0.0
             occupancy[:] = [0, 0, 0, 0, 0.0, 0.0]
+            steady[:] = [0.0, 0.0, 0.0, 0.0]
             for rnd in range(args.rounds):
                 tag = f"l{lat:g}-{rnd}"
                 lengths, calls, dt = await rollouts(tag, args.n, lat / 1000)
@@ -182,14 +203,24 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
                 )
             ratio = (rt / rdt) / (pt / pdt)
             occ_r, occ_p = occupancy[0] / max(1, occupancy[1]), occupancy[2] / max(1, occupancy[3])
+            steady_r, steady_p = steady[1] / max(1e-9, steady[0]), steady[3] / max(1e-9, steady[2])
             print(
                 f"tool latency {lat:g} ms: rollouts {rt / rdt:.0f} tok/s, plain {pt / pdt:.0f} tok/s over {args.rounds} rounds; ratio {ratio:.2f} (goal >= 0.9); "
+                f"steady state (first full batch to last admission, {steady[0]:.1f} s / {steady[2]:.1f} s) rollouts {steady_r:.0f} tok/s, "
+                f"plain {steady_p:.0f} tok/s: ratio {steady_r / max(1e-9, steady_p):.2f}; "
                 f"batch occupancy (tokens per engine step) rollouts {occ_r:.1f}, plain {occ_p:.1f}: ratio {occ_r / occ_p:.2f}; "
                 f"mean step rollouts {1000 * occupancy[4] / max(1, occupancy[1]):.2f} ms, plain {1000 * occupancy[5] / max(1, occupancy[3]):.2f} ms; "
                 f"time in steps rollouts {occupancy[4] / rdt:.0%}, plain {occupancy[5] / pdt:.0%}",
                 flush=True,
             )
             results.append((lat, ratio))
+    base = dict(results).get(0.0)
+    if base and len(results) > 1:
+        # The 0 ms rollouts do all the multi-turn work (a prefill per turn, the turn's
+        # bookkeeping) with nothing to wait for: what a slow tool costs beyond that is
+        # the part of the gap that waits left unhidden.
+        print("tool waits hidden (ratio at L ms / ratio at 0 ms): "
+              + ", ".join(f"{lat:g} ms {r / base:.2f}" for lat, r in results if lat), flush=True)
     return results
 
 
@@ -198,7 +229,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", choices=["auto", "vllm", "hf"])
     ap.add_argument("--n", type=int, default=512, help="rollouts (and plain requests) per measurement")
     ap.add_argument("--max-running", type=int, default=32, help="engine slots (sequences decoded together)")
-    ap.add_argument("--latency-ms", type=float, nargs="+", default=[50, 300], help="tool-call latencies to measure")
+    ap.add_argument("--latency-ms", type=float, nargs="+", default=[0, 50, 300],
+                    help="tool-call latencies to measure (0: the multi-turn work alone, nothing to hide)")
     ap.add_argument("--block-size", type=int, default=0, help="EngineConfig.block_size (vLLM KV block; 0 = vLLM's default)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rollout/plain rounds per latency")
     ap.add_argument("--temperature", type=float, default=1.0)

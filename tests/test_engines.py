@@ -137,3 +137,33 @@ def test_vllm_seeded_requests_whose_prompts_overflow_one_step(model_dir):
     first = trio.run(round_)
     assert len(first) == 12 and all(1 <= len(t) <= 8 for t in first.values())
     assert trio.run(round_) == first  # per-request seeds: the same samples again
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_vllm_next_turn_reuses_all_but_a_block_of_its_history(model_dir):
+    """On CPU the default KV block is 32 tokens (vLLM's own is 128): a rollout's next turn,
+    whose prompt extends the last one's history, is prefilled from the prefix cache for all
+    but the tail of fewer than 32 tokens (with 128, a ~100-token history was prefilled whole)."""
+    from actors.engines.vllm_engine import CPU_BLOCK_SIZE, VLLMBackend, _on_cpu
+
+    b = VLLMBackend(EngineConfig(kind="vllm", max_model_len=512, max_running=4, warmup=False), model_dir)
+    try:
+        if _on_cpu():
+            assert b._block_size == CPU_BLOCK_SIZE == 32
+        first = [1 + j % 50 for j in range(90)]
+        b.add("t1", first, SamplingSpec(max_tokens=20, seed=0, ignore_eos=True))
+        out: list[int] = []
+        while b.has_work():
+            out += [t for d in b.step() for t in d.token_ids]
+        history = [*first, *out, 7, 8, 9]  # the turn's tokens plus a "tool response"
+        b.add("t2", history, SamplingSpec(max_tokens=1, seed=1))
+        cached = None
+        while b.has_work():
+            for o in b._engine.step():
+                cached = o.num_cached_tokens if cached is None else cached
+        # every whole block of the history but the last token's is reused
+        assert cached == (len(history) - 1) // b._block_size * b._block_size, (cached, len(history))
+        if _on_cpu():
+            assert cached >= len(history) - 32, (cached, len(history))
+    finally:
+        b.close()

