@@ -63,6 +63,14 @@ from training.demo_tasks import demo_splits, make_sft_demos
 from training.roc import RolloutStats, roc_downsample
 
 
+def _reckon_version() -> str:
+    """reckon's installed version, for RunStarted; a source checkout run without
+    ``pip install`` (PYTHONPATH=.) has no package metadata: "unknown (source tree)"."""
+    try:
+        return importlib.metadata.version("reckon-rl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (source tree)"
+
 
 #: Rounds of fresh prompts an RL step may draw when every group had equal rewards.
 MAX_ROUNDS_PER_STEP = 4
@@ -495,7 +503,7 @@ class Scheduler:
         # Generators announce themselves with their first capacity report.
         await self.wait_until(lambda: len(self.engines) >= cfg.generator.count)
         self.ctx.emit(RunStarted(config=cfg.model_dump(mode="json"), run_dir=cfg.run.run_dir,
-                                 version=importlib.metadata.version("reckon-rl")))
+                                 version=_reckon_version()))
         if cfg.sft.enabled:
             await self.run_sft()
         if cfg.eval.at_stage_end and self.eval_sets:

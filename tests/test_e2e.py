@@ -97,3 +97,18 @@ def test_replay_metrics_reproduce_the_printed_lines(run_dir):
     assert out.returncode == 0, out.stderr
     replayed = [l for l in out.stdout.splitlines() if l.startswith("step ")]
     assert printed and replayed == printed
+
+
+def test_a_source_checkout_without_package_metadata_still_starts_runs(monkeypatch):
+    """Run from a source tree on PYTHONPATH (no ``pip install``, as on a GPU box with its own
+    torch): RunStarted's version says so instead of the scheduler dying on the lookup."""
+    import importlib.metadata
+
+    from actors import scheduler
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    assert scheduler._reckon_version() == importlib.metadata.version("reckon-rl")
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert scheduler._reckon_version() == "unknown (source tree)"

@@ -168,7 +168,7 @@ def uninterrupted(model_dir, tmp_path_factory):
     learner = Learner(RESUME_CFG, model_dir, tmp / "work")
     metrics = [learner.train_step(batch(s)) for s in range(STEPS)]
     path, sha = learner.publish(7, tmp / "published")
-    state = {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in learner.engine.module.state_dict().items()}
     return metrics, path, sha, state
 
 
@@ -190,7 +190,7 @@ def test_stop_and_resume_matches_uninterrupted(model_dir, uninterrupted, tmp_pat
         assert have["actor/grad_norm"] == pytest.approx(want["actor/grad_norm"], abs=1e-6)
         assert have["actor/lr"] == pytest.approx(want["actor/lr"], abs=1e-12)
     for k, v in resumed.engine.module.state_dict().items():
-        assert torch.allclose(v, state[k], atol=1e-6), k
+        assert torch.allclose(v.cpu(), state[k], atol=1e-6), k
 
 
 def test_published_weights_load_and_generate(uninterrupted):
