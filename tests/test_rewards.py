@@ -144,10 +144,21 @@ def test_identical_pathological_answer_is_still_correct() -> None:
     assert score("\\boxed{9^{9^{9^9}}}", "9^{9^{9^9}}").method == "exact"
 
 
-def test_slow_symbolic_check_times_out() -> None:
-    # Expanding two 1000th powers is slow pure-Python sympy work: the timer stops it.
-    s = score("\\boxed{(x+1)^{1000}}", "(x+2)^{1000}", timeout_s=0.3)
+def test_slow_symbolic_check_times_out(monkeypatch) -> None:
+    # A check that never ends (pure-Python work, as sympy's is): the timer stops it. Not a
+    # real slow expression: how long one takes depends on the machine (CI once finished
+    # comparing two 1000th powers inside 0.3 s).
+    import training.rewards as rewards
+
+    def endless(extracted: str, gold: str) -> str:
+        while True:
+            pass
+
+    with monkeypatch.context() as m:
+        m.setattr(rewards, "_compare", endless)
+        s = score("\\boxed{(x+1)^{1000}}", "(x+2)^{1000}", timeout_s=0.3)
     assert (s.method, s.correct, s.reward) == ("timeout", False, 0.0)
+    assert s.detail == "check exceeded 0.3 s"
     # ... and the timer is disarmed afterwards: a normal check still passes.
     assert score("\\boxed{\\frac12}", "0.5").method == "math_verify"
 
