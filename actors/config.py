@@ -324,7 +324,7 @@ def actor_environment(cfg: Config, restarts: int = 0, base: dict[str, str] | Non
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["RECKON_RESTARTS"] = str(restarts)
     threads = cfg.launcher.cpu_threads
-    if name == "learner" and cfg.launcher.learner_threads:
+    if role_of(name) == "learner" and cfg.launcher.learner_threads:
         threads = cfg.launcher.learner_threads
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))

@@ -56,7 +56,7 @@ class Admission:
     sampled by the engine in them) read from ``tokens()``.
     """
 
-    def __init__(self, slots: int, cap_in_flight: bool, tokens: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(self, slots: int, cap_in_flight: bool, tokens: Callable[[], float]) -> None:
         self.slots = slots
         self.cap_in_flight = cap_in_flight  # count parked jobs against the slots too
         self.generating = 0
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=32, help="engine slots (sequences decoded together)")
     ap.add_argument("--latency-ms", type=float, nargs="+", default=[0, 50, 300],
                     help="tool-call latencies to measure (0: the multi-turn work alone, nothing to hide)")
-    ap.add_argument("--block-size", type=int, default=0, help="EngineConfig.block_size (vLLM KV block; 0 = vLLM's default)")
+    ap.add_argument("--block-size", type=int, default=0, help="EngineConfig.block_size (vLLM KV block; 0 = auto: 32 on CPU, vLLM's default on GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rollout/plain rounds per latency")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=1024, help="rollout budget (model + tool tokens)")

@@ -95,7 +95,7 @@ def build_tiny_model(
     kv_heads: int = TinyModelConfig.model_fields["kv_heads"].default,
     intermediate_size: int | None = None,
     seed: int = 0,
-    pretrain_steps: int = 0,
+    pretrain_steps: int = TinyModelConfig.model_fields["pretrain_steps"].default,
 ) -> str:
     """Write a random-init fp32 Qwen2ForCausalLM (tied embeddings) and its tokenizer to ``out_dir``.
 
@@ -197,7 +197,7 @@ def make_tiny_model_command(
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (divides heads).")] = _DEFAULTS["kv_heads"].default,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size before chat tokens.")] = _DEFAULTS["vocab_size"].default,
     seed: Annotated[int, typer.Option(help="Initialisation and corpus seed.")] = _DEFAULTS["seed"].default,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretrain on the copy corpus for this many steps (0: random init).")] = 0,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretrain on the copy corpus for this many steps (0: random init).")] = _DEFAULTS["pretrain_steps"].default,
 ) -> None:
     """Build a tiny random-init Qwen2 model and a local byte-level BPE tokenizer in OUT_DIR."""
     try:
