@@ -156,6 +156,57 @@ def test_cancelled_call_replaces_its_slot():
         pytest.skip(str(e))
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.parametrize("when", ["idle", "mid_call"])
+def test_a_dead_forker_costs_at_most_its_call_and_its_slot_is_replaced(when):
+    """Each slot forks its calls through a small forker process; if that dies (the OOM
+    killer, say), the call it had is ended, nothing of it runs on, and the slot is replaced."""
+    import signal
+
+    async def main():
+        async with SandboxPool(SandboxConfig(slots=1)) as pool:
+            assert (await pool.execute("1 + 1")).stdout == "2\n"
+            (slot,) = pool._slots.values()
+            with trio.fail_after(10):
+                while not (forkers := _children(slot.pid)):  # forked at slot start
+                    await trio.sleep(0.01)
+            (forker,) = forkers
+            with trio.fail_after(10):
+                while not _children(forker):  # the next call's child, forked ahead
+                    await trio.sleep(0.01)
+            (child,) = _children(forker)
+            if when == "idle":
+                os.kill(forker, signal.SIGKILL)
+                r = await pool.execute("print('ran')")
+            else:
+                async with trio.open_nursery() as nursery:
+                    results = []
+
+                    async def call():
+                        results.append(await pool.execute("import time\nprint('start', flush=True)\n"
+                                                          "time.sleep(30)\nprint('ran')"))
+
+                    nursery.start_soon(call)
+                    await trio.sleep(0.5)
+                    os.kill(forker, signal.SIGKILL)
+                (r,) = results
+            assert r.status == "killed" and "forker" in r.stderr and "ran" not in r.stdout, r
+            with trio.fail_after(10):  # the waiting (or running) child died with its forker
+                while os.path.exists(f"/proc/{child}"):
+                    await trio.sleep(0.01)
+            assert (await pool.execute("6 * 7")).stdout == "42\n"
+            assert pool.stats["slot_restarts"] == 1
+
+    try:
+        trio.run(main)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+
+
 def test_bad_arguments():
     pool = SandboxPool()
     with pytest.raises(TypeError):

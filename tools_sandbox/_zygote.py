@@ -10,9 +10,12 @@ Process tree and who does what::
     pool (trio, the caller's process)
      └─ zygote (root): preload numpy/sympy, gc.freeze(), unshare NET|IPC|NS, private /proc
         (hidepid), whole file tree read-only, fresh tmpfs on /tmp, compile the seccomp filter
-         └─ slot i (root, one per concurrent call, subreaper): receives one request at a time
-             └─ call child (uid = slot uid): setsid, fds closed, rlimits, no_new_privs,
-                seccomp, runs the code, exits with os._exit
+         └─ slot i (root, one per concurrent call): receives one request at a time, hands it
+            │  to the call child, reads its output, enforces the wall clock; never forks
+            └─ forker (root, subreaper): forks the call children, reaps them, kills leftovers;
+               │  a loop so small that its heap stays on huge pages
+               └─ call child (uid = slot uid): setsid, fds closed, rlimits, no_new_privs,
+                  seccomp, runs the code, exits with os._exit
 
 Wire formats:
 - zygote control socket (SOCK_SEQPACKET, one JSON message per packet): the pool sends
@@ -36,7 +39,6 @@ import importlib
 import json
 import marshal
 import os
-import random
 import resource
 import select
 import shutil
@@ -490,28 +492,49 @@ def _run_user_code(code: str) -> int:
         return MEMORY_EXIT if isinstance(e, MemoryError) else 1
 
 
-def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
+def _read_exact(fd: int, n: int) -> bytes:
+    """``n`` bytes from ``fd`` (fewer only at EOF)."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_bytes: int,
            fds: tuple[int, int, int], req_fd: int) -> None:
     """Become the call process, wait for the call on ``req_fd``, confine itself, run it.
 
-    Forked ahead of time (fork-ahead): everything that does not depend on the request is
-    done before it arrives, while the process is still the slot's root and runs nothing
-    untrusted (no_new_privs and the seccomp filter included); the uid drop and the CPU and
-    AS limits come right after the request is read and before the first line of its
-    code. If the slot dies meanwhile, the read sees EOF and the child exits. Never returns.
+    Forked ahead of its request: everything that does not depend on the request is done
+    before it arrives, while the process is still root and runs nothing untrusted
+    (no_new_privs and the seccomp filter included); the uid drop and the CPU and AS limits
+    come right after the request is read and before the first line of its code. The
+    request is ``marshal``ed ``(cpu_seconds, memory_mb, stdin, code)`` behind a 4-byte
+    length; EOF before it (the slot, which holds the pipe's other end, is gone) ends the
+    process, and so does the forker's death (PDEATHSIG). ``vm_bytes`` is the address space it was forked with. Never returns.
+
+    Every page a call child writes is copied from its parent first (copy-on-write): the
+    costliest part of a call is such faults, so the child does as little as it can; what
+    can be done once (in the zygote or the forker) is not done here.
     """
     try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a forker that dies takes its child along
         os.setsid()
-        for target, fd in enumerate(fds):
+        for target, fd in enumerate(fds):  # /dev/null, the slot's stdout and stderr pipes
             os.dup2(fd, target)
-        os.closerange(3, req_fd)
-        os.closerange(req_fd + 1, 1 << 16)
+        if req_fd != 3:
+            os.dup2(req_fd, 3)
+            req_fd = 3
+        os.closerange(4, 1 << 16)
         os.chdir(tmpdir)
         os.umask(0o077)
-        # The environment, tempfile.tempdir, sys.argv and fresh RNG seeds were set by the
-        # slot just before the fork (see _slot_main and _prepare). The limits that do not
-        # depend on the request, and the groups, are set now; as root they could still be
-        # undone, but nothing untrusted runs before the uid drop, which makes them final.
+        # The environment, tempfile.tempdir and sys.argv were set by the slot, the RNGs
+        # reseeded by the forker and by CPython's own at-fork hook (random). The limits
+        # that do not depend on the request, and the groups, are set now; as root they
+        # could still be undone, but nothing untrusted runs before the uid drop, which
+        # makes them final.
         resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_bytes"], cfg["max_file_bytes"]))
         resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_open_files"], cfg["max_open_files"]))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -530,15 +553,19 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         if seccomp_prog is not None:
             _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(seccomp_prog))
 
-        # ---- wait for the call (the slot closes its end after writing it)
-        chunks = []
-        while chunk := os.read(req_fd, 1 << 20):
-            chunks.append(chunk)
-        os.close(req_fd)
-        if not chunks:  # the slot is shutting down
+        # ---- wait for the call
+        head = _read_exact(req_fd, 4)
+        if len(head) < 4:  # the slot is shutting down
             os._exit(0)
-        cpu, as_bytes, code = marshal.loads(b"".join(chunks))
+        cpu, memory_mb, stdin, code = marshal.loads(_read_exact(req_fd, struct.unpack(">I", head)[0]))
+        os.close(req_fd)
+        if stdin:  # a memory file of our own in place of /dev/null: reads see it, then EOF
+            stdin_fd = os.memfd_create("stdin")
+            os.pwrite(stdin_fd, stdin, 0)
+            os.dup2(stdin_fd, 0)
+            os.close(stdin_fd)
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        as_bytes = vm_bytes + memory_mb * (1 << 20)
         resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
         if features.get("uid_drop"):
             os.setresuid(uid, uid, uid)
@@ -546,8 +573,9 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _prctl(PR_SET_DUMPABLE, 0)
         code = _run_user_code(code)
-        if "threading" in sys.modules:  # like interpreter exit: wait for non-daemon threads
-            threading = sys.modules["threading"]
+        threading = sys.modules.get("threading")
+        if threading is not None and threading.active_count() > 1:
+            # like interpreter exit: wait for non-daemon threads
             for thread in threading.enumerate():
                 if thread is not threading.main_thread() and not thread.daemon:
                     thread.join()
@@ -629,217 +657,249 @@ def _read_vm_bytes() -> int:
         os.close(fd)
 
 
-class _Prepared:
-    """A call child forked ahead of its request, and the slot's ends of its pipes."""
+def _reseeder():
+    """A function that gives numpy's global RNG a fresh state from the kernel, for the
+    forker to call right before each fork, so no two calls (children of one zygote) share it.
 
-    __slots__ = ("pid", "pidfd", "tmpdir", "vm_bytes", "in_w", "out_r", "err_r", "req_w")
-
-    def __init__(self, pid, pidfd, tmpdir, vm_bytes, in_w, out_r, err_r, req_w):
-        self.pid, self.pidfd, self.tmpdir, self.vm_bytes = pid, pidfd, tmpdir, vm_bytes
-        self.in_w, self.out_r, self.err_r, self.req_w = in_w, out_r, err_r, req_w
-
-
-def _reseed() -> None:
-    """Fresh seeds for every RNG we know of, from the kernel: called right before each call
-    child's fork, so no two calls (children of one zygote) share an RNG state."""
-    seed = int.from_bytes(os.urandom(8), "little")
-    random.seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % (1 << 32))
-
-
-def _prepare(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str) -> _Prepared:
-    """Make the next call's (empty) temp dir and fork its child, which waits for the request."""
-    try:
-        os.mkdir(tmpdir, 0o700)
-    except FileExistsError:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        os.mkdir(tmpdir, 0o700)
-    if features.get("uid_drop"):
-        os.chown(tmpdir, uid, uid)
-    fds: list[int] = []
-    try:
-        for _ in range(4):
-            fds.extend(os.pipe())
-        in_r, in_w, out_r, out_w, err_r, err_w, req_r, req_w = fds
-        vm_bytes = _read_vm_bytes()  # the child's address space at the fork
-        _reseed()
-        pid = os.fork()
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
-    if pid == 0:
-        os.close(req_w)
-        _child(cfg, features, seccomp_prog, uid, tmpdir, (in_r, out_w, err_w), req_r)
-    for fd in (in_r, out_w, err_w, req_r):
-        os.close(fd)
-    prep = _Prepared(pid, -1, tmpdir, vm_bytes, in_w, out_r, err_r, req_w)
-    try:
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-        prep.pidfd = os.pidfd_open(pid)
-    except OSError:
-        _discard(prep)
-        raise
-    return prep
-
-
-def _close(prep: _Prepared, *names: str) -> None:
-    """Close the named fds of ``prep`` once (marked -1 when closed)."""
-    for name in names:
-        fd = getattr(prep, name)
-        if fd >= 0:
-            setattr(prep, name, -1)
-            os.close(fd)
-
-
-def _discard(prep: _Prepared) -> None:
-    """Kill and reap a prepared child, whether or not it got its call (slot shutdown, or a
-    slot error mid-call); close our ends and remove its temp dir."""
-    _close(prep, "in_w", "out_r", "err_r", "req_w", "pidfd")
-    if prep.pid > 0:
-        pid, prep.pid = prep.pid, -1
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-    shutil.rmtree(prep.tmpdir, ignore_errors=True)
-
-
-def _run_call(cfg: dict, features: dict, uid: int, prep: _Prepared, req: tuple) -> dict:
-    """Hand ``req`` = (code, stdin, timeout_s, memory_mb) to the prepared child, supervise
-    it, and return the result dict.
-
-    Returns only once the child is reaped, its leftovers killed and its temp dir removed.
+    It reads random bytes straight into the MT19937 key of ``numpy.random``'s global
+    RandomState (found through the bit generator's public ``ctypes.state_address``): one
+    ``readv`` that writes one page, where ``numpy.random.seed`` would touch dozens of pages
+    of Python objects, each a copy-on-write fault in a process that forks per call. The key
+    position stays at its end (nothing in the forker draws numbers), so the first draw of a
+    call generates from the new key. (``random`` needs nothing: CPython reseeds it in every
+    fork child from os.urandom.)
     """
-    code, stdin, timeout, memory_mb = req
-    timeout = float(timeout)
-    cap = int(cfg["max_output_bytes"])
-    as_bytes = prep.vm_bytes + int(memory_mb) * (1 << 20)
-    stdin_data = stdin.encode()
-    pid, pidfd, in_w, out_r, err_r = prep.pid, prep.pidfd, prep.in_w, prep.out_r, prep.err_r
-    start = time.monotonic()
-    data = memoryview(marshal.dumps((int(timeout) + 2, as_bytes, code)))
-    try:
-        while data:  # a request bigger than the pipe is read by the child while we write
-            data = data[os.write(prep.req_w, data):]
-    except BrokenPipeError:  # the child died before its call (its stderr says why)
-        pass
-    finally:
-        _close(prep, "req_w")
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    poller = select.poll()
-    poller.register(out_r, select.POLLIN)
-    poller.register(err_r, select.POLLIN)
-    poller.register(pidfd, select.POLLIN)
-    if stdin_data:
-        poller.register(in_w, select.POLLOUT)
-    else:
-        _close(prep, "in_w")
-        in_w = -1
-    open_pipes = {out_r, err_r}
-    reason = None  # why we killed it: "timeout" | "output_limit"
-    exited = False
-    deadline = start + timeout
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return lambda: None
+    import numpy.random  # noqa: F401 -- (preloaded)
 
-    def read_pipe(fd: int) -> None:
-        nonlocal reason
+    gen = numpy.random.mtrand._rand._bit_generator
+    seed = numpy.random.seed
+    if type(gen).__name__ != "MT19937":  # not the layout read below: the slow, sure way
+        return lambda: seed(int.from_bytes(os.urandom(4), "little"))
+    seed(int.from_bytes(os.urandom(4), "little"))  # a key position at its end
+    key = (ctypes.c_uint32 * 624).from_address(gen.ctypes.state_address)  # mt19937_state.key
+    urandom = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+    bufs, readv = [key], os.readv
+    return lambda: readv(urandom, bufs)
+
+
+# What the forker tells the slot: "P" + the pid of a child it forked, or "S" + that child's
+# wait status and how many leftover processes it killed after reaping it.
+_REPORT = struct.Struct(">cii")
+
+
+def _forker_main(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
+                 go_fd: int, report_fd: int, req_fd: int, out_fd: int, err_fd: int) -> None:
+    """The slot's forking process: for each byte on ``go_fd``, fork a call child (which waits
+    for its request on ``req_fd``), report its pid, reap it, sweep, report its status.
+
+    Deliberately tiny. A fork write-protects every page of the forking process, so each page
+    it writes afterwards costs a fault (and a copy while the child lives), and a write to a
+    huge page shared with a live child splits it; this loop writes a few dozen pages per
+    call and its heap stays on huge pages, which keeps the fork and the exit of every call
+    cheap. Everything else of a call (request, output, timeout, temp dir) is the slot's,
+    which never forks (docs/sandbox.md). Never returns.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if features.get("subreaper"):
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if cfg.get("huge_pages", True):
+        collapse_huge_pages()  # our own copy: the slot's writes since the zygote split its
+    # The address space every child starts with: ours, which this loop does not grow.
+    vm_bytes = _read_vm_bytes()
+    fds = (os.open("/dev/null", os.O_RDONLY), out_fd, err_fd)  # the children's 0, 1, 2
+    pack, write, read, fork, waitpid = _REPORT.pack, os.write, os.read, os.fork, os.waitpid
+    reseed = _reseeder()
+    while read(go_fd, 1):
+        reseed()
+        pid = fork()
+        if pid == 0:
+            _child(cfg, features, seccomp_prog, uid, tmpdir, vm_bytes, fds, req_fd)
+        write(report_fd, pack(b"P", pid, 0))
+        wstatus = waitpid(pid, 0)[1]
+        write(report_fd, pack(b"S", wstatus, _sweep(uid, features)))
+    os._exit(0)
+
+
+class _Supervisor:
+    """The slot's side of its calls: the forker's pipes, the calls' pipes, the current child.
+
+    The pipes are the slot's for its whole life: the request pipe (read by each call child
+    before its code runs), the stdout and stderr pipes (the children's fds 1 and 2), the
+    forker's "go" pipe and its report pipe. Between calls, whatever a call left in them is
+    drained, and the forker forks the next child only when told to.
+    """
+
+    def __init__(self, cfg: dict, features: dict, uid: int, tmpdir: str, go_w: int,
+                 report_r: int, req_r: int, req_w: int, out_r: int, err_r: int):
+        self.cfg, self.features, self.uid, self.tmpdir = cfg, features, uid, tmpdir
+        self.go_w, self.report_r, self.req_r, self.req_w = go_w, report_r, req_r, req_w
+        self.out_r, self.err_r = out_r, err_r
+        self.pidfd = -1
+        self.report = b""
+
+    def prepare(self) -> None:
+        """Make the next call's (empty) temp dir and have the forker fork its child."""
         try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            open_pipes.discard(fd)
-            poller.unregister(fd)
-            return
-        room = cap - len(bufs[fd])
-        bufs[fd] += data[:room]
-        if len(data) > room:
-            reason = "output_limit"
+            os.mkdir(self.tmpdir, 0o700)
+        except FileExistsError:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            os.mkdir(self.tmpdir, 0o700)
+        if self.features.get("uid_drop"):
+            os.chown(self.tmpdir, self.uid, self.uid)
+        os.write(self.go_w, b"g")
 
-    while reason is None and not exited:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            reason = "timeout"
-            break
-        for fd, ev in poller.poll(max(1, int(remaining * 1000) + 1)):
-            if fd == pidfd:
-                exited = True
-            elif fd == in_w:
-                try:
-                    n = os.write(in_w, stdin_data[:65536])
-                    stdin_data = stdin_data[n:]
-                except BlockingIOError:
-                    n = 0
-                except BrokenPipeError:
-                    stdin_data = b""
-                if not stdin_data:
-                    poller.unregister(in_w)
-                    _close(prep, "in_w")
-                    in_w = -1
-            else:
-                read_pipe(fd)
-    if reason is not None:
-        for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-            try:
-                target()
-            except ProcessLookupError:
+    def _next_report(self, block: bool) -> tuple | None:
+        """The forker's next report, or None (only when not ``block``); EOF raises."""
+        while len(self.report) < _REPORT.size:
+            if not block and not select.select((self.report_r,), (), (), 0)[0]:
+                return None
+            chunk = os.read(self.report_r, 4096)
+            if not chunk:
+                raise EOFError("the slot's forker exited")
+            self.report += chunk
+        kind, a, b = _REPORT.unpack(self.report[:_REPORT.size])
+        self.report = self.report[_REPORT.size:]
+        if kind == b"P":
+            self._close_pidfd()
+            try:  # the child waits for its request: it is alive, and the pid is its own
+                self.pidfd = os.pidfd_open(a)
+            except OSError:
+                pass  # it died in its setup; its "S" report follows
+        return kind, a, b
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def _kill(self) -> None:
+        while self.pidfd < 0:  # its pid report may still be in the pipe
+            if self._next_report(block=True)[0] == b"S":
+                return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def abandon(self) -> None:
+        """End the current call after a slot error: kill its child, wait for the forker to
+        reap it, drop whatever it left in the pipes. Raises EOFError if the forker is gone."""
+        self._kill()
+        while self._next_report(block=True)[0] != b"S":
+            pass
+        self._drain()
+
+    def _drain(self) -> None:
+        """Empty the request, stdout and stderr pipes (between calls, nobody writes them)."""
+        for fd in (self.req_r, self.out_r, self.err_r):
+            while select.select((fd,), (), (), 0)[0] and os.read(fd, 1 << 20):
                 pass
-    _, wstatus = os.waitpid(pid, 0)
-    prep.pid = -1
-    duration = time.monotonic() - start
-    # What the child wrote before exiting is already in the pipes: take it without waiting
-    # for EOF, which a leftover process could hold back forever.
-    for fd in list(open_pipes):
-        while fd in open_pipes and reason != "output_limit":
-            before = len(bufs[fd])
-            read_pipe(fd)
-            if len(bufs[fd]) == before and fd in open_pipes:
-                break
-    _close(prep, "out_r", "err_r", "pidfd", "in_w")
-    leftovers = _sweep(uid, features)
-    try:
-        os.rmdir(prep.tmpdir)  # usually empty
-    except OSError:
-        shutil.rmtree(prep.tmpdir, ignore_errors=True)
 
-    exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
-    sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
-    if reason is not None:
-        status = reason
-    elif sig is not None:
-        status = "timeout" if sig == signal.SIGXCPU else "killed"
-    elif exit_code == MEMORY_EXIT:
-        status = "memory"
-    elif exit_code == 0:
-        status = "ok"
-    else:
-        status = "error"
-    return {
-        "status": status,
-        "stdout": bufs[out_r].decode("utf-8", "replace"),
-        "stderr": bufs[err_r].decode("utf-8", "replace"),
-        "exit_code": exit_code,
-        "signal": sig,
-        "duration_s": duration,
-        "leftover_processes": leftovers,
-    }
+    def run(self, req: tuple) -> dict:
+        """Hand ``req`` = (code, stdin, timeout_s, memory_mb) to the prepared child,
+        supervise it, and return the result dict.
+
+        Returns only once the child is reaped, its leftovers killed and its temp dir removed.
+        """
+        code, stdin, timeout, memory_mb = req
+        timeout = float(timeout)
+        cap = int(self.cfg["max_output_bytes"])
+        out_r, err_r, report_r = self.out_r, self.err_r, self.report_r
+        start = time.monotonic()
+        body = marshal.dumps((int(timeout) + 2, int(memory_mb), stdin.encode(), code))
+        data = memoryview(struct.pack(">I", len(body)) + body)
+        bufs = {out_r: bytearray(), err_r: bytearray()}
+        reason = None  # why we killed it: "timeout" | "output_limit"
+        status_report = None
+
+        def read_pipe(fd: int) -> bool:
+            """Take what ``fd`` holds; False when it held nothing. (Never EOF: the forker
+            keeps the write ends for the next calls.)"""
+            nonlocal reason
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            if not chunk:
+                return False
+            room = cap - len(bufs[fd])
+            bufs[fd] += chunk[:room]
+            if len(chunk) > room and reason is None:
+                reason = "output_limit"
+                self._kill()
+            return True
+
+        deadline = start + timeout
+        while status_report is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and reason is None:
+                reason = "timeout"
+                self._kill()
+            readers = [out_r, err_r, report_r]
+            writers = [self.req_w] if data else []
+            ready_r, ready_w, _ = select.select(readers, writers, (), max(0.0, remaining) if reason is None else None)
+            if ready_w:
+                try:
+                    data = data[os.write(self.req_w, data):]
+                except BlockingIOError:
+                    pass
+            for fd in ready_r:
+                if fd == report_r:
+                    while status_report is None and (rep := self._next_report(block=False)):
+                        if rep[0] == b"S":
+                            status_report = rep
+                else:
+                    read_pipe(fd)
+        duration = time.monotonic() - start
+        _, wstatus, leftovers = status_report
+        self._close_pidfd()
+        # The child and its leftovers are gone: what they wrote is in the pipes, and
+        # nothing can write more. A request the child never read is dropped.
+        for fd in (out_r, err_r):
+            while read_pipe(fd):
+                pass
+        self._drain()
+        try:
+            os.rmdir(self.tmpdir)  # usually empty
+        except OSError:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+        exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
+        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+        if reason is not None:
+            status = reason
+        elif sig is not None:
+            status = "timeout" if sig == signal.SIGXCPU else "killed"
+        elif exit_code == MEMORY_EXIT:
+            status = "memory"
+        elif exit_code == 0:
+            status = "ok"
+        else:
+            status = "error"
+        return {
+            "status": status,
+            "stdout": bufs[out_r].decode("utf-8", "replace"),
+            "stderr": bufs[err_r].decode("utf-8", "replace"),
+            "exit_code": exit_code,
+            "signal": sig,
+            "duration_s": duration,
+            "leftover_processes": leftovers,
+        }
 
 
 def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
                sock: socket.socket) -> None:
     """Serve calls on ``sock`` until the pool closes it; never returns.
 
-    The child for the next call is forked as soon as the previous call is done (fork-ahead),
-    so the fork and the request-independent setup happen while the slot is idle.
+    The slot starts its forker (``_forker_main``) and never forks itself. The child for the
+    next call is forked as soon as the previous call is done (fork-ahead), so the fork and
+    the request-independent setup happen while the slot is idle.
     """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-slot")))  # ps/top
-    if features.get("subreaper"):
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)
     # Every call of this slot gets the same, freshly emptied temp dir (made before and
     # removed after each call), so what the children inherit is set here once.
     tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
@@ -848,28 +908,50 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
                        "LANG": "C.UTF-8"})
     tempfile.tempdir = tmpdir
     sys.argv = ["<code>"]
-    prep = None
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    req_r, req_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    forker = os.fork()
+    if forker == 0:
+        try:
+            sock.close()
+            for fd in (go_w, report_r, req_w, out_r, err_r):
+                os.close(fd)
+            _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-forker")))
+            _forker_main(cfg, features, seccomp_prog, uid, tmpdir, go_r, report_w, req_r, out_w, err_w)
+        finally:
+            os._exit(1)
+    for fd in (go_r, report_w, out_w, err_w):
+        os.close(fd)
+    for fd in (req_w, out_r, err_r):  # (not req_r: its blocking read is the child's)
+        os.set_blocking(fd, False)
+    state = _Supervisor(cfg, features, uid, tmpdir, go_w, report_r, req_r, req_w, out_r, err_r)
+    prepared = False
     while True:
-        if prep is None:
+        if not prepared:
             try:
-                prep = _prepare(cfg, features, seccomp_prog, uid, tmpdir)
-            except OSError as e:  # e.g. no memory for a fork: say so per call, retry next time
+                state.prepare()
+                prepared = True
+            except OSError as e:  # e.g. /tmp full: say so per call, retry next time
                 prep_error = e
         req = recv_frame(sock)
         if req is None:
-            if prep is not None:
-                _discard(prep)
-            os._exit(0)
+            os._exit(0)  # the forker and a waiting child die with us (PDEATHSIG)
         try:
-            if prep is None:
+            if not prepared:
                 raise prep_error
-            result = _run_call(cfg, features, uid, prep, req)
+            result = state.run(req)
         except Exception as e:  # a slot bug must come back as a result, not a hang
-            if prep is not None:
-                _discard(prep)
             result = {"status": "killed", "stdout": "", "stderr": f"sandbox slot error: {e!r}",
                       "exit_code": None, "signal": None, "duration_s": 0.0}
-        prep = None
+            try:
+                state.abandon()
+            except Exception:  # cannot get back to a clean state: the pool replaces us
+                send_frame(sock, {**result, "retire": True})
+                os._exit(1)
+        prepared = False
         send_frame(sock, result)
 
 
@@ -952,7 +1034,9 @@ def main() -> None:
     # Run the call path once here, so what it initializes lazily (compiler and AST state,
     # caches) is part of the shared image instead of being redone in every call child.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (no core dumps of the zygote either)
-    _run_user_code("x = [i * i for i in range(3)]\ny = {'a': x}\nNone")
+    for _ in range(100):
+        _run_user_code("x = [i * i for i in range(3)]\ny = {'a': x}\nNone")
+        _run_user_code("x = 1")
     # Everything imported so far is shared copy-on-write with every slot and call: keep the
     # collector from touching (and so copying) those pages.
     gc.collect()

@@ -350,7 +350,7 @@ class SandboxPool:
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, OSError):
             reply = None
         finally:
-            if reply is not None:
+            if reply is not None and not reply.get("retire"):
                 self._idle_send.send_nowait(slot)
             elif self._nursery is not None and not self._closed:
                 self._nursery.start_soon(self._respawn, slot)
