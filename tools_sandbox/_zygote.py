@@ -7,26 +7,30 @@ environment, its open files, its imported packages) is visible to untrusted code
 
 Process tree and who does what::
 
-    pool (trio, the caller's process)
+    pool (trio, the caller's process): writes each request to a slot's request pipe, reads
+     │  the call's stdout/stderr pipes, enforces the wall clock, builds the result
      └─ zygote (root): preload numpy/sympy, gc.freeze(), unshare NET|IPC|NS, private /proc
         (hidepid), whole file tree read-only, fresh tmpfs on /tmp, compile the seccomp filter
-         └─ slot i (root, one per concurrent call): receives one request at a time, hands it
-            │  to the call child, reads its output, enforces the wall clock; never forks
-            └─ forker (root, subreaper): forks the call children, reaps them, kills leftovers;
-               │  a loop so small that its heap stays on huge pages
-               └─ call child (uid = slot uid): setsid, fds closed, rlimits, no_new_privs,
-                  seccomp, runs the code, exits with os._exit
+         └─ slot i (root, subreaper, one per concurrent call): forks the call children one
+            │  at a time, reaps them, kills leftovers, removes the temp dir; a loop so small
+            │  that its heap stays on huge pages
+            └─ call child (uid = slot uid): setsid, fds closed, temp dir, rlimits,
+               no_new_privs, seccomp, reads its request, runs the code, exits with os._exit
 
 Wire formats:
 - zygote control socket (SOCK_SEQPACKET, one JSON message per packet): the pool sends
   ``{"op": "spawn", "slot": i}``; the zygote answers ``{"op": "slot", "slot": i, "pid": p}``
-  with the pool's end of a fresh socketpair attached (SCM_RIGHTS). The first packet the
-  zygote sends is ``{"op": "hello", "pid": p, "features": {...}, "errors": {...}}``.
-  EOF on the control socket makes the zygote kill its slots and exit.
-- slot socket (SOCK_STREAM): 4-byte big-endian length + ``marshal`` data (both ends are
-  ours; nothing of a call can reach this socket), one request then one reply. Request:
-  ``(code, stdin, timeout_s, memory_mb)``; reply: the result dict of
-  ``tools_sandbox.result.ExecResult``.
+  with the pool's ends of the slot's pipes attached (SCM_RIGHTS): go (write), report (read),
+  request (write, and read to drop a request no child took), stdout and stderr (read). The
+  first packet the zygote sends is ``{"op": "hello", "pid": p, "features": {...},
+  "errors": {...}, "memory_exit": n, ...}``. EOF on the control socket makes the zygote
+  kill its slots and exit.
+- request pipe: 4-byte big-endian length + ``marshal``ed ``(cpu_seconds, memory_mb,
+  stdin bytes, code)``, read by the slot's waiting call child before anything untrusted runs.
+- report pipe: ``REPORT`` records, "P" (pid of the child just forked) and "S" (its wait
+  status and the count of leftover processes killed) once it is reaped and its temp dir
+  removed. The pool answers each "S", once it has drained the call's pipes, with one byte
+  on the go pipe, and the slot forks the next child.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import sys
 import tempfile
 import time
 
-# Exit code the call child uses to say "MemoryError" (statuses are derived in the slot).
+# Exit code the call child uses to say "MemoryError" (the pool derives statuses; hello says it).
 MEMORY_EXIT = 199
 
 # Linux constants (x86_64 / aarch64 share these values).
@@ -382,32 +386,6 @@ def collapse_huge_pages() -> int:
     return done >> 20
 
 
-# ----------------------------------------------------------------------------- framing
-
-
-def send_frame(sock: socket.socket, obj) -> None:
-    data = marshal.dumps(obj)
-    sock.sendall(struct.pack(">I", len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket):
-    head = _recv_exact(sock, 4)
-    if head is None:
-        return None
-    body = _recv_exact(sock, struct.unpack(">I", head)[0])
-    return None if body is None else marshal.loads(body)
-
-
 # ----------------------------------------------------------------------------- call child
 
 
@@ -528,6 +506,13 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
             os.dup2(req_fd, 3)
             req_fd = 3
         os.closerange(4, 1 << 16)
+        try:  # this call's temp dir, empty (the slot removes it after each call)
+            os.mkdir(tmpdir, 0o700)
+        except FileExistsError:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            os.mkdir(tmpdir, 0o700)
+        if features.get("uid_drop"):
+            os.chown(tmpdir, uid, uid)
         os.chdir(tmpdir)
         os.umask(0o077)
         # The environment, tempfile.tempdir and sys.argv were set by the slot, the RNGs
@@ -685,274 +670,67 @@ def _reseeder():
     return lambda: readv(urandom, bufs)
 
 
-# What the forker tells the slot: "P" + the pid of a child it forked, or "S" + that child's
-# wait status and how many leftover processes it killed after reaping it.
-_REPORT = struct.Struct(">cii")
-
-
-def _forker_main(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str,
-                 go_fd: int, report_fd: int, req_fd: int, out_fd: int, err_fd: int) -> None:
-    """The slot's forking process: for each byte on ``go_fd``, fork a call child (which waits
-    for its request on ``req_fd``), report its pid, reap it, sweep, report its status.
-
-    Deliberately tiny. A fork write-protects every page of the forking process, so each page
-    it writes afterwards costs a fault (and a copy while the child lives), and a write to a
-    huge page shared with a live child splits it; this loop writes a few dozen pages per
-    call and its heap stays on huge pages, which keeps the fork and the exit of every call
-    cheap. Everything else of a call (request, output, timeout, temp dir) is the slot's,
-    which never forks (docs/sandbox.md). Never returns.
-    """
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if features.get("subreaper"):
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    if cfg.get("huge_pages", True):
-        collapse_huge_pages()  # our own copy: the slot's writes since the zygote split its
-    # The address space every child starts with: ours, which this loop does not grow.
-    vm_bytes = _read_vm_bytes()
-    fds = (os.open("/dev/null", os.O_RDONLY), out_fd, err_fd)  # the children's 0, 1, 2
-    pack, write, read, fork, waitpid = _REPORT.pack, os.write, os.read, os.fork, os.waitpid
-    reseed = _reseeder()
-    while read(go_fd, 1):
-        reseed()
-        pid = fork()
-        if pid == 0:
-            _child(cfg, features, seccomp_prog, uid, tmpdir, vm_bytes, fds, req_fd)
-        write(report_fd, pack(b"P", pid, 0))
-        wstatus = waitpid(pid, 0)[1]
-        write(report_fd, pack(b"S", wstatus, _sweep(uid, features)))
-    os._exit(0)
-
-
-class _Supervisor:
-    """The slot's side of its calls: the forker's pipes, the calls' pipes, the current child.
-
-    The pipes are the slot's for its whole life: the request pipe (read by each call child
-    before its code runs), the stdout and stderr pipes (the children's fds 1 and 2), the
-    forker's "go" pipe and its report pipe. Between calls, whatever a call left in them is
-    drained, and the forker forks the next child only when told to.
-    """
-
-    def __init__(self, cfg: dict, features: dict, uid: int, tmpdir: str, go_w: int,
-                 report_r: int, req_r: int, req_w: int, out_r: int, err_r: int):
-        self.cfg, self.features, self.uid, self.tmpdir = cfg, features, uid, tmpdir
-        self.go_w, self.report_r, self.req_r, self.req_w = go_w, report_r, req_r, req_w
-        self.out_r, self.err_r = out_r, err_r
-        self.pidfd = -1
-        self.report = b""
-
-    def prepare(self) -> None:
-        """Make the next call's (empty) temp dir and have the forker fork its child."""
-        try:
-            os.mkdir(self.tmpdir, 0o700)
-        except FileExistsError:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            os.mkdir(self.tmpdir, 0o700)
-        if self.features.get("uid_drop"):
-            os.chown(self.tmpdir, self.uid, self.uid)
-        os.write(self.go_w, b"g")
-
-    def _next_report(self, block: bool) -> tuple | None:
-        """The forker's next report, or None (only when not ``block``); EOF raises."""
-        while len(self.report) < _REPORT.size:
-            if not block and not select.select((self.report_r,), (), (), 0)[0]:
-                return None
-            chunk = os.read(self.report_r, 4096)
-            if not chunk:
-                raise EOFError("the slot's forker exited")
-            self.report += chunk
-        kind, a, b = _REPORT.unpack(self.report[:_REPORT.size])
-        self.report = self.report[_REPORT.size:]
-        if kind == b"P":
-            self._close_pidfd()
-            try:  # the child waits for its request: it is alive, and the pid is its own
-                self.pidfd = os.pidfd_open(a)
-            except OSError:
-                pass  # it died in its setup; its "S" report follows
-        return kind, a, b
-
-    def _close_pidfd(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-    def _kill(self) -> None:
-        while self.pidfd < 0:  # its pid report may still be in the pipe
-            if self._next_report(block=True)[0] == b"S":
-                return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def abandon(self) -> None:
-        """End the current call after a slot error: kill its child, wait for the forker to
-        reap it, drop whatever it left in the pipes. Raises EOFError if the forker is gone."""
-        self._kill()
-        while self._next_report(block=True)[0] != b"S":
-            pass
-        self._drain()
-
-    def _drain(self) -> None:
-        """Empty the request, stdout and stderr pipes (between calls, nobody writes them)."""
-        for fd in (self.req_r, self.out_r, self.err_r):
-            while select.select((fd,), (), (), 0)[0] and os.read(fd, 1 << 20):
-                pass
-
-    def run(self, req: tuple) -> dict:
-        """Hand ``req`` = (code, stdin, timeout_s, memory_mb) to the prepared child,
-        supervise it, and return the result dict.
-
-        Returns only once the child is reaped, its leftovers killed and its temp dir removed.
-        """
-        code, stdin, timeout, memory_mb = req
-        timeout = float(timeout)
-        cap = int(self.cfg["max_output_bytes"])
-        out_r, err_r, report_r = self.out_r, self.err_r, self.report_r
-        start = time.monotonic()
-        body = marshal.dumps((int(timeout) + 2, int(memory_mb), stdin.encode(), code))
-        data = memoryview(struct.pack(">I", len(body)) + body)
-        bufs = {out_r: bytearray(), err_r: bytearray()}
-        reason = None  # why we killed it: "timeout" | "output_limit"
-        status_report = None
-
-        def read_pipe(fd: int) -> bool:
-            """Take what ``fd`` holds; False when it held nothing. (Never EOF: the forker
-            keeps the write ends for the next calls.)"""
-            nonlocal reason
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            if not chunk:
-                return False
-            room = cap - len(bufs[fd])
-            bufs[fd] += chunk[:room]
-            if len(chunk) > room and reason is None:
-                reason = "output_limit"
-                self._kill()
-            return True
-
-        deadline = start + timeout
-        while status_report is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and reason is None:
-                reason = "timeout"
-                self._kill()
-            readers = [out_r, err_r, report_r]
-            writers = [self.req_w] if data else []
-            ready_r, ready_w, _ = select.select(readers, writers, (), max(0.0, remaining) if reason is None else None)
-            if ready_w:
-                try:
-                    data = data[os.write(self.req_w, data):]
-                except BlockingIOError:
-                    pass
-            for fd in ready_r:
-                if fd == report_r:
-                    while status_report is None and (rep := self._next_report(block=False)):
-                        if rep[0] == b"S":
-                            status_report = rep
-                else:
-                    read_pipe(fd)
-        duration = time.monotonic() - start
-        _, wstatus, leftovers = status_report
-        self._close_pidfd()
-        # The child and its leftovers are gone: what they wrote is in the pipes, and
-        # nothing can write more. A request the child never read is dropped.
-        for fd in (out_r, err_r):
-            while read_pipe(fd):
-                pass
-        self._drain()
-        try:
-            os.rmdir(self.tmpdir)  # usually empty
-        except OSError:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-        exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
-        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
-        if reason is not None:
-            status = reason
-        elif sig is not None:
-            status = "timeout" if sig == signal.SIGXCPU else "killed"
-        elif exit_code == MEMORY_EXIT:
-            status = "memory"
-        elif exit_code == 0:
-            status = "ok"
-        else:
-            status = "error"
-        return {
-            "status": status,
-            "stdout": bufs[out_r].decode("utf-8", "replace"),
-            "stderr": bufs[err_r].decode("utf-8", "replace"),
-            "exit_code": exit_code,
-            "signal": sig,
-            "duration_s": duration,
-            "leftover_processes": leftovers,
-        }
+# What a slot tells the pool on its report pipe: "P" + the pid of the call child it forked,
+# or "S" + that child's wait status and how many leftover processes it killed after it.
+REPORT = struct.Struct(">cii")
 
 
 def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
-               sock: socket.socket) -> None:
-    """Serve calls on ``sock`` until the pool closes it; never returns.
+               go_fd: int, report_fd: int, req_fd: int, out_fd: int, err_fd: int) -> None:
+    """Fork call children, one at a time, until the pool closes ``go_fd``; never returns.
 
-    The slot starts its forker (``_forker_main``) and never forks itself. The child for the
-    next call is forked as soon as the previous call is done (fork-ahead), so the fork and
-    the request-independent setup happen while the slot is idle.
+    Each child is forked ahead of its call and waits for the request, which the pool writes
+    into ``req_fd`` (the child reads it before running anything untrusted); its stdout and
+    stderr are ``out_fd`` and ``err_fd``, which the pool reads. The slot reports the child's
+    pid, reaps it, kills what it left, removes its temp dir, reports its status, and forks
+    the next child when the pool has taken the call's output and sends a byte on ``go_fd``.
+
+    Deliberately tiny: a fork write-protects every page of the forking process, so each page
+    it writes afterwards costs a fault (and a copy, while the child lives, which also splits
+    a huge page). This loop writes a few dozen pages per call, its heap stays on huge pages,
+    and that keeps the fork and the exit of every call cheap (docs/sandbox.md).
     """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-slot")))  # ps/top
-    # Every call of this slot gets the same, freshly emptied temp dir (made before and
-    # removed after each call), so what the children inherit is set here once.
+    if features.get("subreaper"):
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # Every call of this slot gets the same, freshly emptied temp dir (made by each child,
+    # removed after it), so what the children inherit is set here once.
     tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
     os.environ.clear()
     os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
                        "LANG": "C.UTF-8"})
     tempfile.tempdir = tmpdir
     sys.argv = ["<code>"]
-    go_r, go_w = os.pipe()
-    report_r, report_w = os.pipe()
-    req_r, req_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    forker = os.fork()
-    if forker == 0:
-        try:
-            sock.close()
-            for fd in (go_w, report_r, req_w, out_r, err_r):
-                os.close(fd)
-            _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-forker")))
-            _forker_main(cfg, features, seccomp_prog, uid, tmpdir, go_r, report_w, req_r, out_w, err_w)
-        finally:
-            os._exit(1)
-    for fd in (go_r, report_w, out_w, err_w):
-        os.close(fd)
-    for fd in (req_w, out_r, err_r):  # (not req_r: its blocking read is the child's)
-        os.set_blocking(fd, False)
-    state = _Supervisor(cfg, features, uid, tmpdir, go_w, report_r, req_r, req_w, out_r, err_r)
-    prepared = False
+    if cfg.get("huge_pages", True):
+        collapse_huge_pages()  # our own copy: what we wrote since the zygote forked us split it
+    # The address space every child starts with: ours, which this loop does not grow.
+    vm_bytes = _read_vm_bytes()
+    fds = (os.open("/dev/null", os.O_RDONLY), out_fd, err_fd)  # the children's 0, 1, 2
+    pack, write, read, fork, waitpid = REPORT.pack, os.write, os.read, os.fork, os.waitpid
+    reseed = _reseeder()
     while True:
-        if not prepared:
-            try:
-                state.prepare()
-                prepared = True
-            except OSError as e:  # e.g. /tmp full: say so per call, retry next time
-                prep_error = e
-        req = recv_frame(sock)
-        if req is None:
-            os._exit(0)  # the forker and a waiting child die with us (PDEATHSIG)
+        reseed()
         try:
-            if not prepared:
-                raise prep_error
-            result = state.run(req)
-        except Exception as e:  # a slot bug must come back as a result, not a hang
-            result = {"status": "killed", "stdout": "", "stderr": f"sandbox slot error: {e!r}",
-                      "exit_code": None, "signal": None, "duration_s": 0.0}
+            pid = fork()
+        except OSError as e:  # e.g. out of memory: the call gets the error, we try again
+            write(err_fd, f"sandbox: cannot fork the call: {e}\n".encode())
+            write(report_fd, pack(b"S", 70 << 8, 0))
+        else:
+            if pid == 0:
+                _child(cfg, features, seccomp_prog, uid, tmpdir, vm_bytes, fds, req_fd)
+            write(report_fd, pack(b"P", pid, 0))
+            wstatus = waitpid(pid, 0)[1]
+            leftovers = _sweep(uid, features)
             try:
-                state.abandon()
-            except Exception:  # cannot get back to a clean state: the pool replaces us
-                send_frame(sock, {**result, "retire": True})
-                os._exit(1)
-        prepared = False
-        send_frame(sock, result)
+                os.rmdir(tmpdir)  # usually empty
+            except FileNotFoundError:
+                pass
+            except OSError:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            write(report_fd, pack(b"S", wstatus, leftovers))
+        if not read(go_fd, 1):
+            os._exit(0)
 
 
 # ----------------------------------------------------------------------------- zygote main
@@ -1031,8 +809,10 @@ def main() -> None:
     if uid_base is None:
         uid_base = 1_000_000_000 + (os.getpid() % (1 << 22)) * 64
 
-    # Run the call path once here, so what it initializes lazily (compiler and AST state,
-    # caches) is part of the shared image instead of being redone in every call child.
+    # Run the call path here, so what it initializes lazily (compiler and AST state, caches)
+    # is part of the shared image instead of being redone in every call child; and often
+    # enough that the adaptive interpreter has specialized it, instead of every child
+    # rewriting the same bytecode (a copy-on-write fault per page it writes).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (no core dumps of the zygote either)
     for _ in range(100):
         _run_user_code("x = [i * i for i in range(3)]\ny = {'a': x}\nNone")
@@ -1045,6 +825,7 @@ def main() -> None:
     ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
                          "errors": errors, "preload_errors": preload_errors,
                          "uid_base": uid_base if features["uid_drop"] else None,
+                         "memory_exit": MEMORY_EXIT,
                          "huge_pages_mb": huge_mb}).encode())
     slots: dict[int, int] = {}
     while True:
@@ -1066,22 +847,32 @@ def main() -> None:
         if req.get("op") != "spawn":
             continue
         slot = int(req["slot"])
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        go_r, go_w = os.pipe()
+        report_r, report_w = os.pipe()
+        req_r, req_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pools_ends = (go_w, report_r, req_w, req_r, out_r, err_r)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             try:
                 ctl.close()
-                theirs.close()
-                _slot_main(cfg, features, seccomp_prog, slot, uid_base + slot, ours)
+                for fd in pools_ends:
+                    if fd != req_r:
+                        os.close(fd)
+                _slot_main(cfg, features, seccomp_prog, slot, uid_base + slot,
+                           go_r, report_w, req_r, out_w, err_w)
             finally:
                 os._exit(0)
-        ours.close()
+        for fd in (go_r, report_w, out_w, err_w):
+            os.close(fd)
         slots[slot] = pid
         socket.send_fds(ctl, [json.dumps({"op": "slot", "slot": slot, "pid": pid}).encode()],
-                        [theirs.fileno()])
-        theirs.close()
+                        list(pools_ends))
+        for fd in pools_ends:
+            os.close(fd)
     for pid in slots.values():
         try:
             os.kill(pid, signal.SIGKILL)

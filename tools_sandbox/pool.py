@@ -2,9 +2,10 @@
 
 The pool starts the zygote (``_zygote.py``, see its docstring for the process tree and the
 isolation steps), asks it for ``config.slots`` slot workers, and hands each ``execute`` call
-to an idle slot. The trio loop never blocks: all process work happens in the zygote's
-processes, and the pool only moves small frames (JSON on the control socket, ``marshal``
-on the slot sockets) over Unix sockets.
+to an idle slot. The trio loop never blocks: all process work (fork, reap, clean up)
+happens in the zygote's processes, and the pool supervises each call through its slot's
+pipes: it writes the request, reads the output, enforces the wall clock and builds the
+result, without a trip through another process of ours.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import marshal
 import math
 import os
+import select
 import signal
 import socket
 import struct
@@ -58,49 +60,161 @@ class SandboxUnavailable(SandboxError):
         self.missing = missing
 
 
+# A slot's report record (see _zygote.REPORT): kind, then two ints.
+_REPORT = struct.Struct(">cii")
+
+
 @dataclass(eq=False)
 class _Slot:
-    """The pool's end of one slot worker.
+    """The pool's end of one slot: the slot process and the pipes of its calls.
 
-    ``sock`` is a plain non-blocking socket driven with trio's wait_readable/wait_writable
-    directly: a request frame always fits in the socket buffer, so sending is one syscall
-    and no trip through trio's scheduler, and the reply is waited for before the first
-    ``recv`` (a trio socket's ``recv`` first tries, fails with EAGAIN, then waits).
+    The pool supervises each call itself: it writes the request into ``req_w`` (the slot's
+    call child, forked ahead, is waiting on it), reads the child's output from ``out_r`` and
+    ``err_r`` as it comes, kills the child at the wall-clock limit or the output cap, and
+    takes the slot's "S" report (child reaped, leftovers killed, temp dir removed) as the
+    end of the call. All of it is driven by one epoll instance per slot that trio waits on,
+    so a call costs a few syscalls here and no process of the slot's but the forking loop
+    and the call itself.
     """
 
     index: int
     pid: int
     pidfd: int
-    sock: socket.socket
-    buf: bytearray = field(default_factory=bytearray)
+    go_w: int
+    report_r: int
+    req_w: int
+    req_r: int  # only to drop a request that no child read (its child died first)
+    out_r: int
+    err_r: int
+    epoll: select.epoll = field(default_factory=select.epoll)
+    reports: bytearray = field(default_factory=bytearray)
+    child_pidfd: int = -1
 
-    async def send(self, obj) -> None:
-        data = marshal.dumps(obj)
-        view = memoryview(struct.pack(">I", len(data)) + data)
-        while view:
-            try:
-                view = view[self.sock.send(view):]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+    def __post_init__(self) -> None:
+        for fd in (self.go_w, self.report_r, self.req_w, self.out_r, self.err_r):
+            os.set_blocking(fd, False)  # (not req_r: the child's blocking read shares it)
+        for fd in (self.report_r, self.out_r, self.err_r):
+            self.epoll.register(fd, select.EPOLLIN)
 
-    async def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            await trio.lowlevel.wait_readable(self.sock)
+    def _read_reports(self) -> tuple | None:
+        """Take the reports that arrived; the "S" one (the call's end) if it is among them.
+        A "P" report opens a pidfd on the new child. EOF (the slot died) raises EOFError."""
+        while True:
             try:
-                chunk = self.sock.recv(65536)
+                chunk = os.read(self.report_r, 4096)
             except BlockingIOError:
-                continue
+                break
             if not chunk:
-                raise EOFError("slot worker closed its socket")
-            self.buf += chunk
+                raise EOFError("the slot process exited")
+            self.reports += chunk
+        while len(self.reports) >= _REPORT.size:
+            kind, a, b = _REPORT.unpack_from(self.reports)
+            del self.reports[:_REPORT.size]
+            if kind == b"P":
+                self._close_child()
+                # The child is waiting for its request (it cannot end before it, unless its
+                # setup failed): the pid is its own. If it is gone, its "S" report follows.
+                with contextlib.suppress(OSError):
+                    self.child_pidfd = os.pidfd_open(a)
+            elif kind == b"S":
+                return kind, a, b
+        return None
 
-    async def receive(self) -> dict:
-        await self._fill(4)
-        (n,) = struct.unpack(">I", self.buf[:4])
-        await self._fill(4 + n)
-        body = bytes(self.buf[4:4 + n])
-        del self.buf[:4 + n]
-        return marshal.loads(body)
+    def _kill_child(self) -> None:
+        if self.child_pidfd < 0:
+            self._read_reports()  # its "P" report is in the pipe
+        if self.child_pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.child_pidfd, signal.SIGKILL)
+
+    def _close_child(self) -> None:
+        if self.child_pidfd >= 0:
+            os.close(self.child_pidfd)
+            self.child_pidfd = -1
+
+    async def run(self, request: bytes, timeout: float, grace: float, cap: int,
+                  memory_exit: int) -> ExecResult | None:
+        """Run one call on this slot; None when the slot stopped answering (replace it).
+
+        Returns once the slot has reaped the call's process, killed its leftovers and
+        removed its temp dir; raises EOFError or OSError when the slot died.
+        """
+        start = trio.current_time()
+        view = memoryview(request)
+        out_r, err_r, report_r, req_w = self.out_r, self.err_r, self.report_r, self.req_w
+        bufs = {out_r: bytearray(), err_r: bytearray()}
+        reason = None  # why we killed it: "timeout" | "output_limit"
+        deadline = start + timeout
+        end = None
+
+        def take(fd: int) -> bool:
+            """Read what ``fd`` holds into its buffer (at most ``cap``); False if nothing."""
+            nonlocal reason
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            room = cap - len(bufs[fd])
+            bufs[fd] += chunk[:room]
+            if len(chunk) > room and reason is None:
+                reason = "output_limit"
+                self._kill_child()
+            return bool(chunk)
+
+        try:  # a request bigger than the pipe goes in as the child reads it
+            view = view[os.write(req_w, view):]
+        except BlockingIOError:
+            pass
+        if view:
+            self.epoll.register(req_w, select.EPOLLOUT)
+        try:
+            while end is None:
+                if reason is None and trio.current_time() >= deadline:
+                    reason = "timeout"
+                    self._kill_child()
+                if trio.current_time() >= deadline + grace:
+                    return None  # killed, and still not reaped: the slot is stuck
+                with trio.move_on_at(deadline if reason is None else deadline + grace):
+                    await trio.lowlevel.wait_readable(self.epoll.fileno())
+                for fd, _events in self.epoll.poll(0):
+                    if fd == report_r:
+                        end = self._read_reports()
+                    elif fd == req_w:
+                        with contextlib.suppress(BlockingIOError):
+                            view = view[os.write(req_w, view):]
+                        if not view:
+                            self.epoll.unregister(req_w)
+                    else:
+                        take(fd)
+        finally:
+            if view:
+                self.epoll.unregister(req_w)
+        duration = trio.current_time() - start
+        self._close_child()
+        # The call's processes are gone: what they wrote is in the pipes, and nothing can
+        # write more. A request that no child read is dropped. Then the next child.
+        for fd in (out_r, err_r):
+            while take(fd):
+                pass
+        while select.select((self.req_r,), (), (), 0)[0] and os.read(self.req_r, 1 << 20):
+            pass
+        os.write(self.go_w, b"g")
+
+        _, wstatus, _leftovers = end
+        exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
+        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+        if reason is not None:
+            status = reason
+        elif sig is not None:
+            status = "timeout" if sig == signal.SIGXCPU else "killed"
+        elif exit_code == memory_exit:
+            status = "memory"
+        elif exit_code == 0:
+            status = "ok"
+        else:
+            status = "error"
+        return ExecResult(status, bufs[out_r].decode("utf-8", "replace"),
+                          bufs[err_r].decode("utf-8", "replace"), exit_code, sig, duration)
 
     def kill(self) -> None:
         """SIGKILL the slot (its running call dies with it: PR_SET_PDEATHSIG)."""
@@ -108,13 +222,16 @@ class _Slot:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
-        self.pidfd = -1
-        if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)  # a task waiting on it gets ClosedResourceError
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        self._close_child()
+        for name in ("pidfd", "go_w", "report_r", "req_w", "req_r", "out_r", "err_r"):
+            fd = getattr(self, name)
+            setattr(self, name, -1)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if not self.epoll.closed:
+            trio.lowlevel.notify_closing(self.epoll.fileno())  # a waiting task gets ClosedResourceError
+            self.epoll.close()
 
 
 class SandboxPool:
@@ -212,6 +329,7 @@ class SandboxPool:
         self.features = hello["features"]
         self.uid_base = hello.get("uid_base")
         self.huge_pages_mb = hello.get("huge_pages_mb", 0)
+        self._memory_exit = hello.get("memory_exit")
         self.feature_errors = hello["errors"]
         if hello.get("fatal"):
             raise SandboxError(f"sandbox cannot run here: {hello['fatal']}")
@@ -238,7 +356,7 @@ class SandboxPool:
 
     async def _read_control(self) -> None:
         """Receive slot sockets from the zygote; on zygote death, fail the pool."""
-        fd_space = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+        fd_space = socket.CMSG_SPACE(6 * array.array("i", [0]).itemsize)
         while True:
             try:
                 data, ancdata, _flags, _addr = await self._ctl.recvmsg(65536, fd_space)
@@ -254,13 +372,11 @@ class SandboxPool:
                 self._fail_all("sandbox zygote exited")
                 return
             msg = json.loads(data)
-            if msg.get("op") != "slot" or len(fds) != 1:
+            if msg.get("op") != "slot" or len(fds) != 6:
                 for fd in fds:
                     os.close(fd)
                 continue
-            sock = socket.socket(fileno=fds[0])
-            sock.setblocking(False)
-            slot = _Slot(msg["slot"], msg["pid"], os.pidfd_open(msg["pid"]), sock)
+            slot = _Slot(msg["slot"], msg["pid"], os.pidfd_open(msg["pid"]), *fds)
             self._slots[slot.index] = slot
             self._idle_send.send_nowait(slot)
             if len(self._slots) == self.config.slots:
@@ -338,31 +454,31 @@ class SandboxPool:
         finally:
             self._queued -= 1
         self.stats["calls"] += 1
-        request = (code, stdin, timeout, memory)
-        reply = None
+        body = marshal.dumps((int(timeout) + 2, memory, stdin.encode(), code))
+        result = None
         failure = "killed"
         try:
-            await slot.send(request)
-            with trio.move_on_after(timeout + self.config.grace_s):
-                reply = await slot.receive()
-            if reply is None:
+            result = await slot.run(struct.pack(">I", len(body)) + body, timeout,
+                                    self.config.grace_s, self.config.max_output_bytes,
+                                    self._memory_exit)
+            if result is None:
                 failure = "timeout"
-        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, OSError):
-            reply = None
+        except (trio.ClosedResourceError, EOFError, OSError):
+            result = None
         finally:
-            if reply is not None and not reply.get("retire"):
+            if result is not None:
                 self._idle_send.send_nowait(slot)
             elif self._nursery is not None and not self._closed:
                 self._nursery.start_soon(self._respawn, slot)
             else:
                 slot.kill()
                 slot.close()
-        if reply is None:
+        if result is None:
             if self._closed:
                 raise SandboxError(self._closed_reason)
             return ExecResult(failure, "", "sandbox: the worker running this call stopped "
                               "responding and was replaced", None, signal.SIGKILL, timeout)
-        return ExecResult.from_dict(reply)
+        return result
 
 
 def run_once(code: str, stdin: str = "", config: SandboxConfig | None = None,
