@@ -111,9 +111,20 @@ def test_rng_is_reseeded_per_call(tp):
     assert len(outs) == 4
 
 
-def test_threads_work(tp):
-    r = tp.execute("import threading\nt = threading.Thread(target=print, args=('t',))\nt.start(); t.join()")
-    assert r.status == "ok" and r.stdout == "t\n"
+@pytest.mark.parametrize("code, stdout", [
+    ("import threading\nt = threading.Thread(target=print, args=('t',))\nt.start(); t.join()", "t\n"),
+    # The zygote skips threading's after-fork hook (single-threaded parents): the registry a
+    # call starts with must still be that of a live main thread, and pools must work.
+    ("import threading\nprint(threading.current_thread() is threading.main_thread(), "
+     "threading.active_count(), threading.main_thread().is_alive())", "True 1 True\n"),
+    ("from concurrent.futures import ThreadPoolExecutor\n"
+     "with ThreadPoolExecutor(4) as ex:\n    print(sum(ex.map(abs, range(-5, 5))))", "25\n"),
+    ("import threading, time\nt = threading.Thread(target=time.sleep, args=(0.2,))\nt.start()\n"
+     "print('main done')", "main done\n"),  # a non-daemon thread is waited for at exit
+])
+def test_threads_work(tp, code, stdout):
+    r = tp.execute(code)
+    assert r.status == "ok" and r.stdout == stdout, r
 
 
 def test_queueing_beyond_slots():
