@@ -76,10 +76,10 @@ def test_stderr_and_stdin(tp):
     assert r.status == "ok" and r.stderr == "ABC\n" and r.stdout == ""
 
 
-def test_large_stdin_is_fed_while_output_is_read(tp):
-    data = "x" * 300_000
-    r = tp.execute("import sys\nprint(len(sys.stdin.read()))", stdin=data)
-    assert r.stdout == "300000\n"
+@pytest.mark.parametrize("size", [300_000, 20 << 20])  # (more than max_file_bytes, 16 MiB)
+def test_large_stdin_arrives_whole(tp, size):
+    r = tp.execute("import sys\nprint(len(sys.stdin.read()))", stdin="x" * size)
+    assert r.stdout == f"{size}\n"
 
 
 def test_timeout_and_per_call_override(tp):
@@ -106,9 +106,12 @@ def test_calls_do_not_share_state(tp):
 
 
 def test_rng_is_reseeded_per_call(tp):
-    code = "import numpy as np, random\nprint(np.random.randint(1 << 30), random.getrandbits(30))"
-    outs = {tp.execute(code).stdout for _ in range(4)}
-    assert len(outs) == 4
+    # numpy's global RNG, random's, and sympy's own (sympy.core.random.rng, behind randprime
+    # and friends): each differs from call to call.
+    code = ("import numpy as np, random\nfrom sympy.core.random import rng\n"
+            "print(np.random.randint(1 << 30), random.getrandbits(30), rng.getrandbits(30))")
+    columns = zip(*(tp.execute(code).stdout.split() for _ in range(4)))
+    assert [len(set(column)) for column in columns] == [4, 4, 4]
 
 
 @pytest.mark.parametrize("code, stdout", [
@@ -167,6 +170,13 @@ def test_cancelled_call_replaces_its_slot():
         pytest.skip(str(e))
 
 
+def _zygote_tmp(pool):
+    """The zygote's private /tmp, seen from outside its mount namespace."""
+    import pathlib
+
+    return pathlib.Path(f"/proc/{pool._proc.pid}/root/tmp")
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -188,6 +198,11 @@ def test_a_dead_slot_costs_at_most_its_call_and_is_replaced(when):
             (child,) = _children(slot.pid)
             if when == "idle":
                 os.kill(slot.pid, signal.SIGKILL)
+                # The waiting child dies with its slot, before any request reaches it (the
+                # pool holds the request pipe: an orphan would take the next request).
+                with trio.fail_after(10):
+                    while os.path.exists(f"/proc/{child}"):
+                        await trio.sleep(0.01)
                 r = await pool.execute("print('ran')")
             else:
                 async with trio.open_nursery() as nursery:
@@ -207,6 +222,27 @@ def test_a_dead_slot_costs_at_most_its_call_and_is_replaced(when):
                     await trio.sleep(0.01)
             assert (await pool.execute("6 * 7")).stdout == "42\n"
             assert pool.stats["slot_restarts"] == 1
+            with trio.fail_after(10):  # the zygote removed what the dead slot's call left
+                while any(p.name.startswith(f"call-0-{slot.pid}")
+                          for p in _zygote_tmp(pool).iterdir()):
+                    await trio.sleep(0.05)
+
+    try:
+        trio.run(main)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_bad_input_is_refused_before_a_slot_is_taken():
+    async def main():
+        async with SandboxPool(SandboxConfig(slots=1)) as pool:
+            for _ in range(3):  # a slot lost per refusal would hang the third call
+                with pytest.raises(ValueError, match="stdin is not valid Unicode"):
+                    await pool.execute("print(1)", stdin="\ud800")
+                with pytest.raises(ValueError, match="finite"):
+                    await pool.execute("print(1)", timeout_s=float("inf"))
+            with trio.fail_after(10):
+                assert (await pool.execute("print(1)")).stdout == "1\n"
 
     try:
         trio.run(main)

@@ -256,3 +256,37 @@ def test_os_exit_in_the_middle(tp):
 def test_no_zombies_or_strays_after_suite(tp):
     assert call_processes(tp) == []
     assert tp.pool.free_slots == SLOTS
+
+
+def test_sysv_ipc_is_no_channel_between_calls(tp):
+    # All slots share one IPC namespace: a segment (or a queue) one call made, another could
+    # open. The syscalls are denied.
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.shmget(0x5eed, 1 << 20, 0o1666), libc.msgget(0x5eed, 0o1666), "
+            "libc.semget(0x5eed, 1, 0o1666), ctypes.get_errno())")
+    r = tp.execute(code)
+    check_contained(tp, r, "ok")
+    assert r.stdout == "-1 -1 -1 1\n", r  # EPERM
+
+
+def test_output_pipe_flags_do_not_reach_the_next_call(tp):
+    # fds 1 and 2 are pipes the slot keeps for all its calls; a call must not leave them
+    # non-blocking (or shrunk) for the next one.
+    evil = ("import fcntl, os\nfor fd in (1, 2):\n"
+            "    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)\n"
+            "    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 4096)")
+    for _ in range(SLOTS):  # every slot
+        check_contained(tp, tp.execute(evil), "ok")
+    for _ in range(SLOTS):
+        r = tp.execute("import sys\nsys.stdout.write('z' * 200_000)\n_ = sys.stderr.write('e' * 100_000)")
+        assert r.status == "ok" and len(r.stdout) == 200_000 and len(r.stderr) == 100_000, r.stderr[-300:]
+
+
+def test_a_deep_directory_tree_is_removed(tp):
+    # Deeper than Python's recursion limit (shutil.rmtree recurses) and than PATH_MAX.
+    code = ("import os\nfor i in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
+            "open('f', 'w').write('x' * 1000)")
+    for _ in range(SLOTS):
+        check_contained(tp, tp.execute(code, timeout_s=20.0), "ok")
+    r = tp.execute("import os\nprint(os.listdir('.'))")
+    assert r.stdout == "[]\n"

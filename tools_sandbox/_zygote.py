@@ -38,21 +38,26 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl as fcntl_mod
 import gc
 import importlib
 import json
 import marshal
 import os
+import random
 import resource
 import select
 import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 
+# The size the output pipes are reset to for each call (Linux's default).
+PIPE_SIZE = 65536
 # Exit code the call child uses to say "MemoryError" (the pool derives statuses; hello says it).
 MEMORY_EXIT = 199
 
@@ -95,6 +100,11 @@ DENIED_SYSCALLS = (
     "syslog", "iopl", "ioperm", "uselib", "vhangup", "lookup_dcookie", "reboot",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
     "fanotify_init", "seccomp",
+    # System V IPC and POSIX message queues: all slots share the zygote's IPC namespace, so
+    # a segment or queue would be a channel between calls (and memory no call owns)
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_unlink", "mq_timedsend",
+    "mq_timedreceive", "mq_notify", "mq_getsetattr",
 )
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -495,13 +505,14 @@ def _run_user_code(code: str) -> int:
 
 def _read_exact(fd: int, n: int) -> bytes:
     """``n`` bytes from ``fd`` (fewer only at EOF)."""
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if not k:
             break
-        data += chunk
-    return data
+        got += k
+    return bytes(buf[:got])
 
 
 def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_bytes: int,
@@ -513,15 +524,25 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
     (no_new_privs and the seccomp filter included); the uid drop and the CPU and AS limits
     come right after the request is read and before the first line of its code. The
     request is ``marshal``ed ``(cpu_seconds, memory_mb, stdin, code)`` behind a 4-byte
-    length; EOF before it (the slot, which holds the pipe's other end, is gone) ends the
-    process, and so does the forker's death (PDEATHSIG). ``vm_bytes`` is the address space it was forked with. Never returns.
+    length; EOF before it (the pool is gone) ends the process, and so does the slot's death
+    (PDEATHSIG). ``vm_bytes`` is the address space it was forked with. Never returns.
 
     Every page a call child writes is copied from its parent first (copy-on-write): the
     costliest part of a call is such faults, so the child does as little as it can; what
-    can be done once (in the zygote or the forker) is not done here.
+    can be done once (in the zygote or the slot) is not done here.
     """
     try:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a forker that dies takes its child along
+        slot_pid = os.getppid()
+
+        def bind_to_slot() -> None:
+            # The slot's death must end us: PDEATHSIG, which every uid or gid change clears,
+            # so it is armed again after each; and if the slot died before it was armed, we
+            # are an orphan already. (The pool holds the request pipe's other end: without
+            # this, an orphan would run the next request sent to a new slot, unsupervised.)
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != slot_pid:
+                os._exit(0)
+
         os.setsid()
         for target, fd in enumerate(fds):  # /dev/null, the slot's stdout and stderr pipes
             os.dup2(fd, target)
@@ -529,21 +550,16 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
             os.dup2(req_fd, 3)
             req_fd = 3
         os.closerange(4, 1 << 16)
-        try:  # this call's temp dir, empty (the slot removes it after each call)
-            os.mkdir(tmpdir, 0o700)
-        except FileExistsError:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            os.mkdir(tmpdir, 0o700)
+        os.mkdir(tmpdir, 0o700)  # this call's temp dir (the slot removes it after the call)
         if features.get("uid_drop"):
             os.chown(tmpdir, uid, uid)
         os.chdir(tmpdir)
         os.umask(0o077)
         # The environment, tempfile.tempdir and sys.argv were set by the slot, the RNGs
-        # reseeded by the forker and by CPython's own at-fork hook (random). The limits
-        # that do not depend on the request, and the groups, are set now; as root they
-        # could still be undone, but nothing untrusted runs before the uid drop, which
-        # makes them final.
-        resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_bytes"], cfg["max_file_bytes"]))
+        # reseeded by the slot and by CPython's own at-fork hook (random). The limits that
+        # do not depend on the request, and the groups, are set now; as root they could
+        # still be undone, but nothing untrusted runs before the uid drop, which makes
+        # them final.
         resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_open_files"], cfg["max_open_files"]))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if features.get("uid_drop"):
@@ -562,23 +578,28 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
             _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(seccomp_prog))
 
         # ---- wait for the call
+        bind_to_slot()
         head = _read_exact(req_fd, 4)
-        if len(head) < 4:  # the slot is shutting down
+        if len(head) < 4:  # the pool is shutting down
             os._exit(0)
         cpu, memory_mb, stdin, code = marshal.loads(_read_exact(req_fd, struct.unpack(">I", head)[0]))
         os.close(req_fd)
         if stdin:  # a memory file of our own in place of /dev/null: reads see it, then EOF
             stdin_fd = os.memfd_create("stdin")
-            os.pwrite(stdin_fd, stdin, 0)
+            view = memoryview(stdin)
+            while view:
+                view = view[os.write(stdin_fd, view):]
+            os.lseek(stdin_fd, 0, os.SEEK_SET)
             os.dup2(stdin_fd, 0)
             os.close(stdin_fd)
+        # (the file size limit after stdin is in: it is not the call's own file)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["max_file_bytes"], cfg["max_file_bytes"]))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         as_bytes = vm_bytes + memory_mb * (1 << 20)
         resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
         if features.get("uid_drop"):
             os.setresuid(uid, uid, uid)
-        # After the uid change, which clears both settings.
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        bind_to_slot()  # (the uid change cleared it)
         _prctl(PR_SET_DUMPABLE, 0)
         code = _run_user_code(code)
         threading = sys.modules.get("threading")
@@ -666,31 +687,64 @@ def _read_vm_bytes() -> int:
 
 
 def _reseeder():
-    """A function that gives numpy's global RNG a fresh state from the kernel, for the
-    forker to call right before each fork, so no two calls (children of one zygote) share it.
+    """A function that gives the preloaded libraries' global RNGs a fresh state from the
+    kernel, for the slot to call right before each fork, so no two calls (children of one
+    zygote) share one: numpy's, and sympy's own ``random.Random`` (``sympy.core.random``).
 
     It reads random bytes straight into the MT19937 key of ``numpy.random``'s global
     RandomState (found through the bit generator's public ``ctypes.state_address``): one
     ``readv`` that writes one page, where ``numpy.random.seed`` would touch dozens of pages
     of Python objects, each a copy-on-write fault in a process that forks per call. The key
-    position stays at its end (nothing in the forker draws numbers), so the first draw of a
+    position stays at its end (nothing in the slot draws numbers), so the first draw of a
     call generates from the new key. (``random`` needs nothing: CPython reseeds it in every
     fork child from os.urandom.)
     """
+    steps = []
+    sympy_random = sys.modules.get("sympy.core.random")
+    if sympy_random is not None and isinstance(getattr(sympy_random, "rng", None), random.Random):
+        rng_seed, urandom = sympy_random.rng.seed, os.urandom
+        steps.append(lambda: rng_seed(urandom(32)))
     numpy = sys.modules.get("numpy")
-    if numpy is None:
-        return lambda: None
-    import numpy.random  # noqa: F401 -- (preloaded)
+    if numpy is not None:
+        import numpy.random  # noqa: F401 -- (preloaded)
 
-    gen = numpy.random.mtrand._rand._bit_generator
-    seed = numpy.random.seed
-    if type(gen).__name__ != "MT19937":  # not the layout read below: the slow, sure way
-        return lambda: seed(int.from_bytes(os.urandom(4), "little"))
-    seed(int.from_bytes(os.urandom(4), "little"))  # a key position at its end
-    key = (ctypes.c_uint32 * 624).from_address(gen.ctypes.state_address)  # mt19937_state.key
-    urandom = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
-    bufs, readv = [key], os.readv
-    return lambda: readv(urandom, bufs)
+        gen = numpy.random.mtrand._rand._bit_generator
+        seed = numpy.random.seed
+        if type(gen).__name__ != "MT19937":  # not the layout read below: the slow, sure way
+            steps.append(lambda: seed(int.from_bytes(os.urandom(4), "little")))
+        else:
+            seed(int.from_bytes(os.urandom(4), "little"))  # a key position at its end
+            key = (ctypes.c_uint32 * 624).from_address(gen.ctypes.state_address)  # mt19937_state.key
+            fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+            bufs, readv = [key], os.readv
+
+            def numpy_key() -> None:
+                if readv(fd, bufs) != ctypes.sizeof(key):
+                    seed(int.from_bytes(os.urandom(4), "little"))
+
+            steps.append(numpy_key)
+    if len(steps) == 1:
+        return steps[0]
+    return lambda: [step() for step in steps]
+
+
+def _remove_tree(path: str) -> bool:
+    """Remove ``path`` and all under it; False if it is still there.
+
+    A call can leave a tree deeper than Python's recursion limit (``shutil.rmtree``
+    recurses, and its RecursionError is not an OSError) or than PATH_MAX: then ``rm -rf``,
+    which walks any depth, does it.
+    """
+    try:
+        shutil.rmtree(path)
+    except BaseException:
+        try:
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", path], env={"PATH": "/usr/bin:/bin"},
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return not os.path.lexists(path)
 
 
 # What a slot tells the pool on its report pipe: "P" + the pid of the call child it forked,
@@ -720,6 +774,8 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
     # Every call of this slot gets the same, freshly emptied temp dir (made by each child,
     # removed after it), so what the children inherit is set here once.
     tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
+    if os.path.lexists(tmpdir):  # left by an earlier slot with our pid
+        _remove_tree(tmpdir)
     os.environ.clear()
     os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
                        "LANG": "C.UTF-8"})
@@ -732,7 +788,17 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
     fds = (os.open("/dev/null", os.O_RDONLY), out_fd, err_fd)  # the children's 0, 1, 2
     pack, write, read, fork, waitpid = REPORT.pack, os.write, os.read, os.fork, os.waitpid
     reseed = _reseeder()
+    fcntl, F_GETFL, F_SETFL = fcntl_mod.fcntl, fcntl_mod.F_GETFL, fcntl_mod.F_SETFL
+    F_GETPIPE_SZ, F_SETPIPE_SZ = fcntl_mod.F_GETPIPE_SZ, fcntl_mod.F_SETPIPE_SZ
+    out_flags = {fd: fcntl(fd, F_GETFL) for fd in (out_fd, err_fd)}
     while True:
+        # The output pipes' write ends are one open file description for all our calls:
+        # undo what the last call may have changed (O_NONBLOCK, O_DIRECT, the pipe size).
+        for fd, flags in out_flags.items():
+            if fcntl(fd, F_GETFL) != flags:
+                fcntl(fd, F_SETFL, flags)
+            if fcntl(fd, F_GETPIPE_SZ) != PIPE_SIZE:
+                fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         reseed()
         try:
             pid = fork()
@@ -750,7 +816,10 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
             except FileNotFoundError:
                 pass
             except OSError:
-                shutil.rmtree(tmpdir, ignore_errors=True)
+                if not _remove_tree(tmpdir):  # the next child could not make its temp dir
+                    write(err_fd, b"sandbox: could not remove the call's temp dir\n")
+                    write(report_fd, pack(b"S", wstatus, leftovers))
+                    os._exit(1)  # the pool replaces the slot
             write(report_fd, pack(b"S", wstatus, leftovers))
         if not read(go_fd, 1):
             os._exit(0)
@@ -853,9 +922,11 @@ def main() -> None:
                          "uid_base": uid_base if features["uid_drop"] else None,
                          "memory_exit": MEMORY_EXIT,
                          "huge_pages_mb": huge_mb}).encode())
-    slots: dict[int, int] = {}
+    slots: dict[int, int] = {}  # pid -> slot index (a respawned index gets a new pid first)
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
     while True:
-        ready, _, _ = select.select([ctl], [], [], 0.5)
+        ready = poller.poll(500)
         while slots:  # reap slots that died (killed by the pool, or crashed)
             try:
                 pid, _st = os.waitpid(-1, os.WNOHANG)
@@ -863,7 +934,9 @@ def main() -> None:
                 break
             if pid == 0:
                 break
-            slots = {k: v for k, v in slots.items() if v != pid}
+            index = slots.pop(pid, None)
+            if index is not None:  # what its last call left, if it died (or was killed) mid-call
+                _remove_tree(f"/tmp/call-{index}-{pid}")
         if not ready:
             continue
         msg = ctl.recv(65536)
@@ -894,12 +967,12 @@ def main() -> None:
                 os._exit(0)
         for fd in (go_r, report_w, out_w, err_w):
             os.close(fd)
-        slots[slot] = pid
+        slots[pid] = slot
         socket.send_fds(ctl, [json.dumps({"op": "slot", "slot": slot, "pid": pid}).encode()],
                         list(pools_ends))
         for fd in pools_ends:
             os.close(fd)
-    for pid in slots.values():
+    for pid in slots:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import marshal
 import math
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,10 @@ class SandboxUnavailable(SandboxError):
 _REPORT = struct.Struct(">cii")
 
 
+def _bytes_in_pipe(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 @dataclass(eq=False)
 class _Slot:
     """The pool's end of one slot: the slot process and the pipes of its calls.
@@ -88,7 +94,8 @@ class _Slot:
     err_r: int
     epoll: select.epoll = field(default_factory=select.epoll)
     reports: bytearray = field(default_factory=bytearray)
-    child_pidfd: int = -1
+    child_pid: int = 0  # the pid of the last "P" report: the call child, until its "S"
+    end: tuple[int, int] | None = None  # the "S" report of the running call: (wait status, leftovers)
 
     def __post_init__(self) -> None:
         for fd in (self.go_w, self.report_r, self.req_w, self.out_r, self.err_r):
@@ -96,9 +103,9 @@ class _Slot:
         for fd in (self.report_r, self.out_r, self.err_r):
             self.epoll.register(fd, select.EPOLLIN)
 
-    def _read_reports(self) -> tuple | None:
-        """Take the reports that arrived; the "S" one (the call's end) if it is among them.
-        A "P" report opens a pidfd on the new child. EOF (the slot died) raises EOFError."""
+    def _read_reports(self) -> None:
+        """Take the reports that arrived: "P" sets ``child_pid``, "S" sets ``end``.
+        EOF (the slot died) raises EOFError."""
         while True:
             try:
                 chunk = os.read(self.report_r, 4096)
@@ -111,26 +118,33 @@ class _Slot:
             kind, a, b = _REPORT.unpack_from(self.reports)
             del self.reports[:_REPORT.size]
             if kind == b"P":
-                self._close_child()
-                # The child is waiting for its request (it cannot end before it, unless its
-                # setup failed): the pid is its own. If it is gone, its "S" report follows.
-                with contextlib.suppress(OSError):
-                    self.child_pidfd = os.pidfd_open(a)
+                self.child_pid, self.end = a, None
             elif kind == b"S":
-                return kind, a, b
-        return None
+                self.end = (a, b)
 
     def _kill_child(self) -> None:
-        if self.child_pidfd < 0:
-            self._read_reports()  # its "P" report is in the pipe
-        if self.child_pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self.child_pidfd, signal.SIGKILL)
+        """SIGKILL the running call's child, if it is still the child of this slot.
 
-    def _close_child(self) -> None:
-        if self.child_pidfd >= 0:
-            os.close(self.child_pidfd)
-            self.child_pidfd = -1
+        The slot reaps its child at once, so by now the pid may be free, even reused: the
+        pidfd pins whatever process has it, and only one whose parent is the slot (which
+        has one child at a time) is ours to kill.
+        """
+        self._read_reports()  # (its "P" report may still be in the pipe)
+        if not self.child_pid or self.end is not None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.child_pid)
+        except OSError:  # gone: its "S" report follows
+            return
+        try:
+            with open(f"/proc/{self.child_pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid == self.pid:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.close(pidfd)
 
     async def run(self, request: bytes, timeout: float, grace: float, cap: int,
                   memory_exit: int) -> ExecResult | None:
@@ -145,7 +159,7 @@ class _Slot:
         bufs = {out_r: bytearray(), err_r: bytearray()}
         reason = None  # why we killed it: "timeout" | "output_limit"
         deadline = start + timeout
-        end = None
+        self.end = None
 
         def take(fd: int) -> bool:
             """Read what ``fd`` holds into its buffer (at most ``cap``); False if nothing."""
@@ -168,7 +182,7 @@ class _Slot:
         if view:
             self.epoll.register(req_w, select.EPOLLOUT)
         try:
-            while end is None:
+            while self.end is None:
                 if reason is None and trio.current_time() >= deadline:
                     reason = "timeout"
                     self._kill_child()
@@ -178,7 +192,7 @@ class _Slot:
                     await trio.lowlevel.wait_readable(self.epoll.fileno())
                 for fd, _events in self.epoll.poll(0):
                     if fd == report_r:
-                        end = self._read_reports()
+                        self._read_reports()
                     elif fd == req_w:
                         with contextlib.suppress(BlockingIOError):
                             view = view[os.write(req_w, view):]
@@ -190,17 +204,17 @@ class _Slot:
             if view:
                 self.epoll.unregister(req_w)
         duration = trio.current_time() - start
-        self._close_child()
+        wstatus, _leftovers = self.end
+        self.child_pid = 0
         # The call's processes are gone: what they wrote is in the pipes, and nothing can
         # write more. A request that no child read is dropped. Then the next child.
         for fd in (out_r, err_r):
             while take(fd):
                 pass
-        while select.select((self.req_r,), (), (), 0)[0] and os.read(self.req_r, 1 << 20):
-            pass
+        while waiting := _bytes_in_pipe(self.req_r):  # (req_r blocks: it is the child's too)
+            os.read(self.req_r, waiting)
         os.write(self.go_w, b"g")
 
-        _, wstatus, _leftovers = end
         exit_code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
         sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
         if reason is not None:
@@ -222,7 +236,6 @@ class _Slot:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def close(self) -> None:
-        self._close_child()
         for name in ("pidfd", "go_w", "report_r", "req_w", "req_r", "out_r", "err_r"):
             fd = getattr(self, name)
             setattr(self, name, -1)
@@ -436,10 +449,16 @@ class SandboxPool:
             raise TypeError("code and stdin must be str")
         timeout = self.config.timeout_s if timeout_s is None else float(timeout_s)
         memory = self.config.memory_mb if memory_mb is None else int(memory_mb)
-        if not timeout > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if not 0 < timeout < 1e7:
+            raise ValueError(f"timeout_s must be > 0 and finite, got {timeout_s!r}")
         if memory < 16:
             raise ValueError(f"memory_mb must be >= 16, got {memory_mb!r}")
+        try:
+            stdin_bytes = stdin.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"stdin is not valid Unicode text: {e}") from None
+        body = marshal.dumps((int(timeout) + 2, memory, stdin_bytes, code))
+        request = struct.pack(">I", len(body)) + body
         if self._closed:
             raise SandboxError(self._closed_reason)
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -454,11 +473,10 @@ class SandboxPool:
         finally:
             self._queued -= 1
         self.stats["calls"] += 1
-        body = marshal.dumps((int(timeout) + 2, memory, stdin.encode(), code))
         result = None
         failure = "killed"
         try:
-            result = await slot.run(struct.pack(">I", len(body)) + body, timeout,
+            result = await slot.run(request, timeout,
                                     self.config.grace_s, self.config.max_output_bytes,
                                     self._memory_exit)
             if result is None:
