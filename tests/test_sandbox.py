@@ -327,3 +327,11 @@ def test_compile_fast_path_matches_the_ast(code):
     body = compile(tree, "<code>", "exec", dont_inherit=True)
     got_body, got_last = _compile_user_code(code, "<code>")
     assert same(got_body, body) and same(got_last, last)
+
+
+def test_a_timeout_before_the_call_started_still_kills_it(tp):
+    # The deadline can pass before the slot's report of the child's pid has come: the kill
+    # is retried until it is sent, not dropped.
+    for _ in range(6):
+        r = tp.execute("import time\ntime.sleep(1.5)\nprint('done')", timeout_s=1e-6)
+        assert r.status == "timeout" and "done" not in r.stdout and r.duration_s < 1.0, r

@@ -120,13 +120,17 @@ def test_big_file_hits_fsize_limit(tp):
     assert "File too large" in r.stderr or "No space left" in r.stderr
 
 
-def test_reading_other_calls_files(tp):
+@pytest.mark.parametrize("opened_up", [False, True])
+def test_reading_other_calls_files(tp, opened_up):
+    # opened_up: the victim makes its temp dir and file world-readable (a call owns its dir),
+    # which the thief, in another slot, must still not reach: each slot has its own /tmp.
     async def scenario(pool):
         results = {}
+        chmod = "os.chmod('.', 0o777)\nos.chmod('secret', 0o666)\n" if opened_up else ""
 
         async def victim():
             results["victim"] = await pool.execute(
-                "import os, time\nopen('secret', 'w').write('v1ct1m')\nprint(os.getcwd())\n"
+                "import os, time\nopen('secret', 'w').write('v1ct1m')\n" + chmod + "print(os.getcwd())\n"
                 "import sys; sys.stdout.flush()\ntime.sleep(1.5)")
 
         async def thief():
@@ -253,20 +257,19 @@ def test_os_exit_in_the_middle(tp):
     assert r.stdout == "partial\n"
 
 
-def test_no_zombies_or_strays_after_suite(tp):
-    assert call_processes(tp) == []
-    assert tp.pool.free_slots == SLOTS
+def print_libc_calls(tp, expr: str) -> str:
+    """Run ``print(expr)`` in a call where ``libc`` (ctypes, errno kept) and ``ctypes`` are
+    at hand; check the call is contained and return what it printed."""
+    r = tp.execute(f"import ctypes, signal\nlibc = ctypes.CDLL(None, use_errno=True)\nprint({expr})")
+    check_contained(tp, r, "ok")
+    return r.stdout
 
 
 def test_sysv_ipc_is_no_channel_between_calls(tp):
     # All slots share one IPC namespace: a segment (or a queue) one call made, another could
-    # open. The syscalls are denied.
-    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            "print(libc.shmget(0x5eed, 1 << 20, 0o1666), libc.msgget(0x5eed, 0o1666), "
-            "libc.semget(0x5eed, 1, 0o1666), ctypes.get_errno())")
-    r = tp.execute(code)
-    check_contained(tp, r, "ok")
-    assert r.stdout == "-1 -1 -1 1\n", r  # EPERM
+    # open. The syscalls are denied (EPERM).
+    assert print_libc_calls(tp, "libc.shmget(0x5eed, 1 << 20, 0o1666), libc.msgget(0x5eed, 0o1666), "
+                                "libc.semget(0x5eed, 1, 0o1666), ctypes.get_errno()") == "-1 -1 -1 1\n"
 
 
 def test_output_pipe_flags_do_not_reach_the_next_call(tp):
@@ -290,3 +293,29 @@ def test_a_deep_directory_tree_is_removed(tp):
         check_contained(tp, tp.execute(code, timeout_s=20.0), "ok")
     r = tp.execute("import os\nprint(os.listdir('.'))")
     assert r.stdout == "[]\n"
+
+
+def test_a_call_cannot_clear_its_parent_death_signal(tp):
+    # It is what ends a call whose slot dies (else an orphan would run on, unsupervised).
+    assert print_libc_calls(tp, "libc.prctl(1, 0, 0, 0, 0), ctypes.get_errno(), "
+                                "libc.prctl(1, int(signal.SIGTERM), 0, 0, 0), "
+                                "libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)") == "-1 1 -1 0\n"
+
+
+def test_file_locks_end_with_their_call_and_are_not_listed(tp):
+    # A lock on a file every call opens (/dev/null, a library) would otherwise outlive the
+    # call or be readable by others through /proc/locks: a channel between calls.
+    for _ in range(SLOTS):
+        r = tp.execute("import fcntl, os\nfor fd in (0, 1, 2):\n    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                       "fcntl.flock(os.open('/usr/lib/os-release', os.O_RDONLY), fcntl.LOCK_SH)\n"
+                       "print(repr(open('/proc/locks').read()))")
+        check_contained(tp, r, "ok")
+        assert r.stdout == "''\n", r
+    r = tp.execute("import fcntl, os\nfcntl.flock(os.open('/dev/null', os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                   "print('free')")
+    assert r.stdout == "free\n", r
+
+
+def test_no_zombies_or_strays_after_suite(tp):
+    assert call_processes(tp) == []
+    assert tp.pool.free_slots == SLOTS  # (last: after every attack above)

@@ -56,8 +56,6 @@ import sys
 import tempfile
 import time
 
-# The size the output pipes are reset to for each call (Linux's default).
-PIPE_SIZE = 65536
 # Exit code the call child uses to say "MemoryError" (the pool derives statuses; hello says it).
 MEMORY_EXIT = 199
 
@@ -193,6 +191,11 @@ def build_seccomp_program() -> _SockFprog:
         masked_eq = 7
         add("clone", act_errno(errno.EPERM), _ScmpArgCmp(0, masked_eq, CLONE_THREAD, 0))
         add("clone3", act_errno(errno.ENOSYS))
+        # A call's parent-death signal is what ends it if its slot dies: it may set it again
+        # (to SIGKILL, as the child itself does after its uid drop), never clear or change it.
+        cmp_eq, cmp_ne = 4, 1
+        add("prctl", act_errno(errno.EPERM), _ScmpArgCmp(0, cmp_eq, PR_SET_PDEATHSIG, 0),
+            _ScmpArgCmp(1, cmp_ne, signal.SIGKILL, 0))
         fd = os.memfd_create("seccomp-bpf")
         try:
             ret = lib.seccomp_export_bpf(ctx, fd)
@@ -340,9 +343,14 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
         return
     # A fresh proc instance with hidepid: a call sees only its own uid's processes, so the
     # parent's environ/cmdline and other calls' /proc entries are invisible to it.
-    step("private_proc", lambda: _check(_libc.mount(
-        b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible"),
-        "mount proc hidepid"))
+    def private_proc():
+        _check(_libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           b"hidepid=invisible"), "mount proc hidepid")
+        # /proc/locks lists every file lock on the host: a lock on a file all calls can
+        # open (a shared library, say) would be a channel between concurrent calls.
+        _check(_libc.mount(b"/dev/null", b"/proc/locks", None, MS_BIND, None), "mask /proc/locks")
+
+    step("private_proc", private_proc)
 
     class MountAttr(ctypes.Structure):
         _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
@@ -356,14 +364,22 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
         _check(_libc.syscall(nr, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
                              ctypes.sizeof(attr)), "mount_setattr(/, RDONLY, recursive)")
 
-    paths = [sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p and os.path.isdir(p))]
+    paths = _interpreter_paths()
     if features.get("uid_drop"):
         step("interpreter_visible", lambda: _expose_interpreter(paths))
     step("readonly_root", readonly_root)
     # The only writable place: a tmpfs that only this zygote's mount namespace sees. Mode
     # 0711 so a call cannot list the other calls' directories.
-    opts = f"size={int(cfg['tmpfs_mb'])}m,nr_inodes=65536,mode=0711".encode()
-    step("private_tmp", lambda: _private_tmp(opts, paths))
+    step("private_tmp", lambda: _private_tmp(_tmpfs_options(cfg), paths))
+
+
+def _interpreter_paths() -> list[str]:
+    """Where the interpreter and its packages live (calls must be able to read them)."""
+    return [sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p and os.path.isdir(p))]
+
+
+def _tmpfs_options(cfg: dict) -> bytes:
+    return f"size={int(cfg['tmpfs_mb'])}m,nr_inodes=65536,mode=0711".encode()
 
 
 def _no_op(*args, **kwargs) -> None:
@@ -516,7 +532,7 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_bytes: int,
-           fds: tuple[int, int, int], req_fd: int) -> None:
+           slot_pid: int, fds: tuple[int, int], req_fd: int) -> None:
     """Become the call process, wait for the call on ``req_fd``, confine itself, run it.
 
     Forked ahead of its request: everything that does not depend on the request is done
@@ -532,8 +548,6 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
     can be done once (in the zygote or the slot) is not done here.
     """
     try:
-        slot_pid = os.getppid()
-
         def bind_to_slot() -> None:
             # The slot's death must end us: PDEATHSIG, which every uid or gid change clears,
             # so it is armed again after each; and if the slot died before it was armed, we
@@ -544,7 +558,12 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
                 os._exit(0)
 
         os.setsid()
-        for target, fd in enumerate(fds):  # /dev/null, the slot's stdout and stderr pipes
+        # fds 0, 1, 2: /dev/null and the slot's stdout and stderr pipes, each an open file of
+        # our own (the slot's are shared by all its calls: a lock or a flag a call set on
+        # them would outlive it and reach the next call).
+        own = (os.open("/dev/null", os.O_RDONLY),
+               *(os.open(f"/proc/self/fd/{fd}", os.O_WRONLY) for fd in fds))
+        for target, fd in enumerate(own):
             os.dup2(fd, target)
         if req_fd != 3:
             os.dup2(req_fd, 3)
@@ -589,6 +608,7 @@ def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_by
             view = memoryview(stdin)
             while view:
                 view = view[os.write(stdin_fd, view):]
+            del view, stdin  # (not held for the whole call)
             os.lseek(stdin_fd, 0, os.SEEK_SET)
             os.dup2(stdin_fd, 0)
             os.close(stdin_fd)
@@ -633,6 +653,19 @@ def _children_of_self() -> list[int]:
         return []
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of ``uid`` (from a child that takes that uid: kill(-1) as a user
+    reaches exactly that user's processes)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def _sweep(uid: int, features: dict) -> int:
     """Kill every process left by the call (all run as ``uid``, unique to this slot); reap them.
 
@@ -658,14 +691,7 @@ def _sweep(uid: int, features: dict) -> int:
             return found
         found += len(left)
         if features.get("uid_drop"):
-            killer = os.fork()
-            if killer == 0:  # kill(-1) as the call's uid reaches exactly that uid's processes
-                try:
-                    os.setresuid(uid, uid, uid)
-                    os.kill(-1, signal.SIGKILL)
-                finally:
-                    os._exit(0)
-            os.waitpid(killer, 0)
+            _kill_uid(uid)
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -771,6 +797,13 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
     _prctl(PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"sandbox-slot")))  # ps/top
     if features.get("subreaper"):
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if features.get("private_tmp"):
+        # A /tmp of this slot's own (a mount namespace of its own): no call sees another
+        # slot's temp dirs, even one a call opened up (chmod 0777), and no call can fill
+        # the space or the inodes of another slot's calls.
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(NS) for the slot's /tmp")
+        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        _private_tmp(_tmpfs_options(cfg), _interpreter_paths())
     # Every call of this slot gets the same, freshly emptied temp dir (made by each child,
     # removed after it), so what the children inherit is set here once.
     tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
@@ -785,20 +818,16 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
         collapse_huge_pages()  # our own copy: what we wrote since the zygote forked us split it
     # The address space every child starts with: ours, which this loop does not grow.
     vm_bytes = _read_vm_bytes()
-    fds = (os.open("/dev/null", os.O_RDONLY), out_fd, err_fd)  # the children's 0, 1, 2
+    slot_pid = os.getpid()
     pack, write, read, fork, waitpid = REPORT.pack, os.write, os.read, os.fork, os.waitpid
     reseed = _reseeder()
-    fcntl, F_GETFL, F_SETFL = fcntl_mod.fcntl, fcntl_mod.F_GETFL, fcntl_mod.F_SETFL
-    F_GETPIPE_SZ, F_SETPIPE_SZ = fcntl_mod.F_GETPIPE_SZ, fcntl_mod.F_SETPIPE_SZ
-    out_flags = {fd: fcntl(fd, F_GETFL) for fd in (out_fd, err_fd)}
+    fcntl, F_GETPIPE_SZ, F_SETPIPE_SZ = fcntl_mod.fcntl, fcntl_mod.F_GETPIPE_SZ, fcntl_mod.F_SETPIPE_SZ
+    pipe_sizes = {fd: fcntl(fd, F_GETPIPE_SZ) for fd in (out_fd, err_fd)}
     while True:
-        # The output pipes' write ends are one open file description for all our calls:
-        # undo what the last call may have changed (O_NONBLOCK, O_DIRECT, the pipe size).
-        for fd, flags in out_flags.items():
-            if fcntl(fd, F_GETFL) != flags:
-                fcntl(fd, F_SETFL, flags)
-            if fcntl(fd, F_GETPIPE_SZ) != PIPE_SIZE:
-                fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        # The size of a pipe is the pipe's, not of an open file: undo a call's change.
+        for fd, size in pipe_sizes.items():
+            if fcntl(fd, F_GETPIPE_SZ) != size:
+                fcntl(fd, F_SETPIPE_SZ, size)
         reseed()
         try:
             pid = fork()
@@ -807,7 +836,7 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
             write(report_fd, pack(b"S", 70 << 8, 0))
         else:
             if pid == 0:
-                _child(cfg, features, seccomp_prog, uid, tmpdir, vm_bytes, fds, req_fd)
+                _child(cfg, features, seccomp_prog, uid, tmpdir, vm_bytes, slot_pid, (out_fd, err_fd), req_fd)
             write(report_fd, pack(b"P", pid, 0))
             wstatus = waitpid(pid, 0)[1]
             leftovers = _sweep(uid, features)
@@ -818,8 +847,7 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
             except OSError:
                 if not _remove_tree(tmpdir):  # the next child could not make its temp dir
                     write(err_fd, b"sandbox: could not remove the call's temp dir\n")
-                    write(report_fd, pack(b"S", wstatus, leftovers))
-                    os._exit(1)  # the pool replaces the slot
+                    os._exit(1)  # no "S": this call ends as killed, and the pool replaces us
             write(report_fd, pack(b"S", wstatus, leftovers))
         if not read(go_fd, 1):
             os._exit(0)
@@ -923,6 +951,7 @@ def main() -> None:
                          "memory_exit": MEMORY_EXIT,
                          "huge_pages_mb": huge_mb}).encode())
     slots: dict[int, int] = {}  # pid -> slot index (a respawned index gets a new pid first)
+    spawned: set[int] = set()
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
     while True:
@@ -946,6 +975,9 @@ def main() -> None:
         if req.get("op") != "spawn":
             continue
         slot = int(req["slot"])
+        spawned.add(slot)
+        if features["uid_drop"]:  # whatever a dead slot of this index may have left running
+            _kill_uid(uid_base + slot)
         go_r, go_w = os.pipe()
         report_r, report_w = os.pipe()
         req_r, req_w = os.pipe()
@@ -982,6 +1014,9 @@ def main() -> None:
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
+    if features["uid_drop"]:  # (a call whose slot died with us, should one be left)
+        for index in spawned:
+            _kill_uid(uid_base + index)
     os._exit(0)
 
 

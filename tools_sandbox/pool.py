@@ -62,6 +62,9 @@ class SandboxUnavailable(SandboxError):
         self.missing = missing
 
 
+# The largest request (code and stdin, marshalled) a call may get: the call child holds it
+# as root, before its memory limit is set.
+MAX_REQUEST_BYTES = 256 << 20
 # A slot's report record (see _zygote.REPORT): kind, then two ints.
 _REPORT = struct.Struct(">cii")
 
@@ -122,20 +125,23 @@ class _Slot:
             elif kind == b"S":
                 self.end = (a, b)
 
-    def _kill_child(self) -> None:
-        """SIGKILL the running call's child, if it is still the child of this slot.
+    def _kill_child(self) -> bool:
+        """SIGKILL the running call's child, if it is still the child of this slot; False
+        when that cannot be done yet (its "P" report has not come: try again later).
 
         The slot reaps its child at once, so by now the pid may be free, even reused: the
         pidfd pins whatever process has it, and only one whose parent is the slot (which
         has one child at a time) is ours to kill.
         """
-        self._read_reports()  # (its "P" report may still be in the pipe)
-        if not self.child_pid or self.end is not None:
-            return
+        self._read_reports()  # (its "P" report may be in the pipe)
+        if self.end is not None:
+            return True
+        if not self.child_pid:
+            return False
         try:
             pidfd = os.pidfd_open(self.child_pid)
         except OSError:  # gone: its "S" report follows
-            return
+            return True
         try:
             with open(f"/proc/{self.child_pid}/stat", "rb") as f:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -145,6 +151,7 @@ class _Slot:
             pass
         finally:
             os.close(pidfd)
+        return True
 
     async def run(self, request: bytes, timeout: float, grace: float, cap: int,
                   memory_exit: int) -> ExecResult | None:
@@ -158,6 +165,7 @@ class _Slot:
         out_r, err_r, report_r, req_w = self.out_r, self.err_r, self.report_r, self.req_w
         bufs = {out_r: bytearray(), err_r: bytearray()}
         reason = None  # why we killed it: "timeout" | "output_limit"
+        killed = False  # (a kill waits for the child's "P" report: it is retried until sent)
         deadline = start + timeout
         self.end = None
 
@@ -172,7 +180,6 @@ class _Slot:
             bufs[fd] += chunk[:room]
             if len(chunk) > room and reason is None:
                 reason = "output_limit"
-                self._kill_child()
             return bool(chunk)
 
         try:  # a request bigger than the pipe goes in as the child reads it
@@ -185,7 +192,8 @@ class _Slot:
             while self.end is None:
                 if reason is None and trio.current_time() >= deadline:
                     reason = "timeout"
-                    self._kill_child()
+                if reason is not None and not killed:
+                    killed = self._kill_child()
                 if trio.current_time() >= deadline + grace:
                     return None  # killed, and still not reaped: the slot is stuck
                 with trio.move_on_at(deadline if reason is None else deadline + grace):
@@ -231,7 +239,9 @@ class _Slot:
                           bufs[err_r].decode("utf-8", "replace"), exit_code, sig, duration)
 
     def kill(self) -> None:
-        """SIGKILL the slot (its running call dies with it: PR_SET_PDEATHSIG)."""
+        """SIGKILL the slot and its call (which would also die with it: PR_SET_PDEATHSIG)."""
+        with contextlib.suppress(EOFError, OSError):
+            self._kill_child()
         with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
@@ -458,6 +468,9 @@ class SandboxPool:
         except UnicodeEncodeError as e:
             raise ValueError(f"stdin is not valid Unicode text: {e}") from None
         body = marshal.dumps((int(timeout) + 2, memory, stdin_bytes, code))
+        if len(body) > MAX_REQUEST_BYTES:
+            raise ValueError(f"code and stdin together are {len(body)} bytes; at most "
+                             f"{MAX_REQUEST_BYTES} can be sent to a call")
         request = struct.pack(">I", len(body)) + body
         if self._closed:
             raise SandboxError(self._closed_reason)
