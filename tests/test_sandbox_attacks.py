@@ -295,11 +295,33 @@ def test_a_deep_directory_tree_is_removed(tp):
     assert r.stdout == "[]\n"
 
 
-def test_a_call_cannot_clear_its_parent_death_signal(tp):
-    # It is what ends a call whose slot dies (else an orphan would run on, unsupervised).
+PRCTL_NR = {"x86_64": 157, "aarch64": 167}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(PRCTL_NR is None, reason="prctl's syscall number on this architecture")
+def test_a_call_cannot_clear_its_parent_death_signal_or_become_dumpable(tp):
+    # The parent-death signal is what ends a call whose slot dies (else an orphan would run
+    # on, unsupervised); dumpable would let a crash send its memory to a host core handler.
+    # The raw syscalls set the option's high bits, which the kernel ignores (32-bit int).
     assert print_libc_calls(tp, "libc.prctl(1, 0, 0, 0, 0), ctypes.get_errno(), "
                                 "libc.prctl(1, int(signal.SIGTERM), 0, 0, 0), "
-                                "libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)") == "-1 1 -1 0\n"
+                                f"libc.syscall({PRCTL_NR}, ctypes.c_long((1 << 32) | 1), 0, 0, 0, 0), "
+                                f"libc.syscall({PRCTL_NR}, ctypes.c_long(-(1 << 32) | 1), 0, 0, 0, 0), "
+                                "libc.prctl(1, int(signal.SIGKILL), 0, 0, 0), "
+                                f"libc.prctl(4, 1, 0, 0, 0), libc.syscall({PRCTL_NR}, ctypes.c_long((1 << 32) | 4), 1, 0, 0, 0), "
+                                "libc.prctl(4, 0, 0, 0, 0), "
+                                "(lambda sig: (libc.prctl(2, ctypes.byref(sig), 0, 0, 0), sig.value)[1])(ctypes.c_int())"
+                            ) == "-1 1 -1 -1 -1 0 -1 -1 0 9\n"  # (the last: PR_GET_PDEATHSIG)
+
+
+def test_a_call_sees_only_harmless_devices(tp):
+    # No GPU, pty, disk or shared-memory device of the host: a /dev of the sandbox's own.
+    r = tp.execute("import os\nprint(sorted(os.listdir('/dev')))\nopen('/dev/null', 'w').write('x')\n"
+                   "print(len(open('/dev/urandom', 'rb').read(8)), open('/dev/zero', 'rb').read(2))\n"
+                   "print(os.path.exists('/dev/ptmx'), os.path.exists('/dev/shm'))")
+    check_contained(tp, r, "ok")
+    assert r.stdout == ("['fd', 'full', 'null', 'random', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+                        "8 b'\\x00\\x00'\nFalse False\n"), r
 
 
 def test_file_locks_end_with_their_call_and_are_not_listed(tp):

@@ -192,10 +192,15 @@ def build_seccomp_program() -> _SockFprog:
         add("clone", act_errno(errno.EPERM), _ScmpArgCmp(0, masked_eq, CLONE_THREAD, 0))
         add("clone3", act_errno(errno.ENOSYS))
         # A call's parent-death signal is what ends it if its slot dies: it may set it again
-        # (to SIGKILL, as the child itself does after its uid drop), never clear or change it.
-        cmp_eq, cmp_ne = 4, 1
-        add("prctl", act_errno(errno.EPERM), _ScmpArgCmp(0, cmp_eq, PR_SET_PDEATHSIG, 0),
+        # (to SIGKILL, as the child itself does after its uid drop), never clear or change
+        # it. Nor may it make itself dumpable again (a core piped to a host handler ignores
+        # RLIMIT_CORE). The kernel reads prctl's option as a 32-bit int: compare only those
+        # bits, or an option with high bits set would slip past the rule.
+        cmp_ne, low32 = 1, 0xFFFFFFFF
+        add("prctl", act_errno(errno.EPERM), _ScmpArgCmp(0, masked_eq, low32, PR_SET_PDEATHSIG),
             _ScmpArgCmp(1, cmp_ne, signal.SIGKILL, 0))
+        add("prctl", act_errno(errno.EPERM), _ScmpArgCmp(0, masked_eq, low32, PR_SET_DUMPABLE),
+            _ScmpArgCmp(1, cmp_ne, 0, 0))
         fd = os.memfd_create("seccomp-bpf")
         try:
             ret = lib.seccomp_export_bpf(ctx, fd)
@@ -337,7 +342,7 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
 
     step("mount_namespace", mount_ns)
     if not features["mount_namespace"]:
-        for name in ("private_proc", "readonly_root", "private_tmp"):
+        for name in ("private_proc", "private_dev", "readonly_root", "private_tmp"):
             features[name] = False
             errors[name] = "needs the mount namespace"
         return
@@ -367,10 +372,39 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
     paths = _interpreter_paths()
     if features.get("uid_drop"):
         step("interpreter_visible", lambda: _expose_interpreter(paths))
+    step("private_dev", lambda: _private_dev(paths))
     step("readonly_root", readonly_root)
     # The only writable place: a tmpfs that only this zygote's mount namespace sees. Mode
     # 0711 so a call cannot list the other calls' directories.
     step("private_tmp", lambda: _private_tmp(_tmpfs_options(cfg), paths))
+
+
+# The devices a call may use; every other device of the host (GPUs, ptys, disks) is out of
+# its sight. Plus the usual links into /proc/self/fd.
+CALL_DEVICES = ("null", "zero", "full", "random", "urandom")
+CALL_DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+                  "stderr": "/proc/self/fd/2"}
+
+
+def _private_dev(paths: list[str]) -> None:
+    """Cover /dev with a tmpfs holding only ``CALL_DEVICES`` (bind mounts of the host's
+    nodes) and ``CALL_DEV_LINKS``, built in a staging directory and moved onto /dev."""
+    stage = _stage_root(paths)
+    _check(_libc.mount(b"tmpfs", stage.encode(), b"tmpfs", MS_NOSUID | MS_NOEXEC, b"size=64k,mode=0755"),
+           "mount tmpfs for /dev")
+    try:
+        for name in CALL_DEVICES:
+            if not os.path.exists(f"/dev/{name}"):
+                continue
+            os.close(os.open(f"{stage}/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+            _check(_libc.mount(f"/dev/{name}".encode(), f"{stage}/{name}".encode(), None, MS_BIND, None),
+                   f"bind /dev/{name}")
+        for name, target in CALL_DEV_LINKS.items():
+            os.symlink(target, f"{stage}/{name}")
+        _check(_libc.mount(stage.encode(), b"/dev", None, MS_MOVE, None), "move the new /dev onto /dev")
+    except OSError:
+        _libc.umount2(stage.encode(), 2)  # MNT_DETACH
+        raise
 
 
 def _interpreter_paths() -> list[str]:
@@ -519,8 +553,8 @@ def _run_user_code(code: str) -> int:
         return MEMORY_EXIT if isinstance(e, MemoryError) else 1
 
 
-def _read_exact(fd: int, n: int) -> bytes:
-    """``n`` bytes from ``fd`` (fewer only at EOF)."""
+def _read_exact(fd: int, n: int) -> bytearray:
+    """``n`` bytes from ``fd`` (fewer only at EOF), read in place."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -528,7 +562,10 @@ def _read_exact(fd: int, n: int) -> bytes:
         if not k:
             break
         got += k
-    return bytes(buf[:got])
+    del view
+    if got < n:
+        del buf[got:]
+    return buf
 
 
 def _child(cfg: dict, features: dict, seccomp_prog, uid: int, tmpdir: str, vm_bytes: int,
@@ -655,7 +692,8 @@ def _children_of_self() -> list[int]:
 
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid`` (from a child that takes that uid: kill(-1) as a user
-    reaches exactly that user's processes)."""
+    reaches exactly that user's processes). A killer that does not finish within a second
+    (stopped by a process of that uid, say) is killed itself."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -663,6 +701,14 @@ def _kill_uid(uid: int) -> None:
             os.kill(-1, signal.SIGKILL)
         finally:
             os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    try:
+        done = select.poll()
+        done.register(pidfd, select.POLLIN)
+        if not done.poll(1000):
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
     os.waitpid(pid, 0)
 
 
@@ -800,14 +846,18 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
     if features.get("private_tmp"):
         # A /tmp of this slot's own (a mount namespace of its own): no call sees another
         # slot's temp dirs, even one a call opened up (chmod 0777), and no call can fill
-        # the space or the inodes of another slot's calls.
-        _check(_libc.unshare(CLONE_NEWNS), "unshare(NS) for the slot's /tmp")
-        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-        _private_tmp(_tmpfs_options(cfg), _interpreter_paths())
+        # the space or the inodes of another slot's calls. It goes with the slot.
+        try:
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(NS) for the slot's /tmp")
+            _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            _private_tmp(_tmpfs_options(cfg), _interpreter_paths())
+        except OSError as e:  # (the zygote did the same once: this is not expected)
+            print(f"sandbox slot {slot}: cannot make its own /tmp: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
     # Every call of this slot gets the same, freshly emptied temp dir (made by each child,
     # removed after it), so what the children inherit is set here once.
     tmpdir = f"/tmp/call-{slot}-{os.getpid()}"
-    if os.path.lexists(tmpdir):  # left by an earlier slot with our pid
+    if not features.get("private_tmp") and os.path.lexists(tmpdir):  # an earlier slot's, same pid
         _remove_tree(tmpdir)
     os.environ.clear()
     os.environ.update({"HOME": tmpdir, "TMPDIR": tmpdir, "PATH": "/usr/bin:/bin",
@@ -915,7 +965,7 @@ def main() -> None:
         _isolate_zygote(cfg, features, errors)
     else:
         for name in ("net_namespace", "ipc_namespace", "mount_namespace", "private_proc",
-                     "readonly_root", "private_tmp"):
+                     "private_dev", "readonly_root", "private_tmp"):
             features[name] = False
             errors[name] = "needs root (CAP_SYS_ADMIN)"
     if not features["pidfd"]:
@@ -964,7 +1014,9 @@ def main() -> None:
             if pid == 0:
                 break
             index = slots.pop(pid, None)
-            if index is not None:  # what its last call left, if it died (or was killed) mid-call
+            if index is not None and not features.get("private_tmp"):
+                # What its last call left, if it died (or was killed) mid-call. (With a /tmp
+                # of its own, that went with its mount namespace.)
                 _remove_tree(f"/tmp/call-{index}-{pid}")
         if not ready:
             continue

@@ -22,7 +22,7 @@ class SandboxConfig(BaseModel):
     max_file_bytes: int = Field(16 << 20, ge=0)  # largest file a call may write (RLIMIT_FSIZE)
     max_open_files: int = Field(64, ge=16)  # RLIMIT_NOFILE of a call
     max_threads: int = Field(16, ge=1)  # RLIMIT_NPROC of a call's own uid: threads it may run
-    tmpfs_mb: int = Field(256, ge=16)  # size of each slot's private /tmp (its calls' temp dirs)
+    tmpfs_mb: int = Field(64, ge=16)  # size of each slot's own /tmp (its calls' temp dirs; RAM, so slots x this in all)
     preload: list[str] = Field(default_factory=lambda: list(DEFAULT_PRELOAD))  # modules imported once in the zygote
     huge_pages: bool = True  # back the zygote's warm heap with huge pages (cheaper fork and exit per call)
     uid_base: int | None = Field(None, ge=1)  # slot i runs calls as uid_base+i; None: unique per pool from the zygote pid

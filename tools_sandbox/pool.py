@@ -46,7 +46,8 @@ ZYGOTE_ENV = {
 # Isolation the pool requires unless config.insecure is set.
 REQUIRED_FEATURES = (
     "uid_drop", "no_new_privs", "seccomp", "subreaper", "pidfd", "net_namespace",
-    "ipc_namespace", "mount_namespace", "private_proc", "readonly_root", "private_tmp",
+    "ipc_namespace", "mount_namespace", "private_proc", "private_dev", "readonly_root",
+    "private_tmp",
 )
 
 
@@ -64,7 +65,7 @@ class SandboxUnavailable(SandboxError):
 
 # The largest request (code and stdin, marshalled) a call may get: the call child holds it
 # as root, before its memory limit is set.
-MAX_REQUEST_BYTES = 256 << 20
+MAX_REQUEST_BYTES = 64 << 20
 # A slot's report record (see _zygote.REPORT): kind, then two ints.
 _REPORT = struct.Struct(">cii")
 
@@ -98,6 +99,7 @@ class _Slot:
     epoll: select.epoll = field(default_factory=select.epoll)
     reports: bytearray = field(default_factory=bytearray)
     child_pid: int = 0  # the pid of the last "P" report: the call child, until its "S"
+    child_pidfd: int = -1  # a pidfd on it, opened when its "P" report is read
     end: tuple[int, int] | None = None  # the "S" report of the running call: (wait status, leftovers)
 
     def __post_init__(self) -> None:
@@ -107,51 +109,69 @@ class _Slot:
             self.epoll.register(fd, select.EPOLLIN)
 
     def _read_reports(self) -> None:
-        """Take the reports that arrived: "P" sets ``child_pid``, "S" sets ``end``.
-        EOF (the slot died) raises EOFError."""
+        """Take the reports that arrived: "P" sets ``child_pid`` and opens ``child_pidfd``,
+        "S" sets ``end``. EOF (the slot died) raises EOFError, after what came before it."""
+        eof = False
         while True:
             try:
                 chunk = os.read(self.report_r, 4096)
             except BlockingIOError:
                 break
             if not chunk:
-                raise EOFError("the slot process exited")
+                eof = True
+                break
             self.reports += chunk
         while len(self.reports) >= _REPORT.size:
             kind, a, b = _REPORT.unpack_from(self.reports)
             del self.reports[:_REPORT.size]
             if kind == b"P":
+                self._close_child()
                 self.child_pid, self.end = a, None
+                self.child_pidfd = self._pin_child(a)
             elif kind == b"S":
                 self.end = (a, b)
+                self._close_child()
+        if eof:
+            raise EOFError("the slot process exited")
 
-    def _kill_child(self) -> bool:
-        """SIGKILL the running call's child, if it is still the child of this slot; False
-        when that cannot be done yet (its "P" report has not come: try again later).
+    def _pin_child(self, pid: int) -> int:
+        """A pidfd on ``pid`` if that process is this slot's child, else -1.
 
-        The slot reaps its child at once, so by now the pid may be free, even reused: the
-        pidfd pins whatever process has it, and only one whose parent is the slot (which
-        has one child at a time) is ours to kill.
+        Opened as soon as the slot reports the fork, and checked then: the slot may already
+        have reaped the child (its "S" report follows) and the pid been taken by another
+        process; a pidfd pins the one process, and only a child of the slot (which has one
+        child at a time) is ours. Kept until the "S" report, so the child can be killed
+        even after its slot died.
         """
-        self._read_reports()  # (its "P" report may be in the pipe)
-        if self.end is not None:
-            return True
-        if not self.child_pid:
-            return False
         try:
-            pidfd = os.pidfd_open(self.child_pid)
-        except OSError:  # gone: its "S" report follows
-            return True
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return -1
         try:
-            with open(f"/proc/{self.child_pid}/stat", "rb") as f:
+            with open(f"/proc/{pid}/stat", "rb") as f:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             if ppid == self.pid:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                return pidfd
         except (OSError, ValueError, IndexError):
             pass
+        os.close(pidfd)
+        return -1
+
+    def _close_child(self) -> None:
+        if self.child_pidfd >= 0:
+            os.close(self.child_pidfd)
+            self.child_pidfd = -1
+
+    def _kill_child(self) -> bool:
+        """SIGKILL the running call's child; False when that cannot be done yet (its "P"
+        report has not come: try again later)."""
+        try:
+            self._read_reports()  # (its "P" report may be in the pipe)
         finally:
-            os.close(pidfd)
-        return True
+            if self.child_pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self.child_pidfd, signal.SIGKILL)
+        return self.end is not None or self.child_pid != 0
 
     async def run(self, request: bytes, timeout: float, grace: float, cap: int,
                   memory_exit: int) -> ExecResult | None:
@@ -214,6 +234,7 @@ class _Slot:
         duration = trio.current_time() - start
         wstatus, _leftovers = self.end
         self.child_pid = 0
+        self._close_child()
         # The call's processes are gone: what they wrote is in the pipes, and nothing can
         # write more. A request that no child read is dropped. Then the next child.
         for fd in (out_r, err_r):
@@ -246,6 +267,7 @@ class _Slot:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def close(self) -> None:
+        self._close_child()
         for name in ("pidfd", "go_w", "report_r", "req_w", "req_r", "out_r", "err_r"):
             fd = getattr(self, name)
             setattr(self, name, -1)
