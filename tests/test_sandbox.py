@@ -335,3 +335,22 @@ def test_a_timeout_before_the_call_started_still_kills_it(tp):
     for _ in range(6):
         r = tp.execute("import time\ntime.sleep(1.5)\nprint('done')", timeout_s=1e-6)
         assert r.status == "timeout" and "done" not in r.stdout and r.duration_s < 1.0, r
+
+
+def test_uids_in_use_are_refused():
+    # The slots kill whatever runs under their uids (a call's leftovers): a pool must not
+    # start on uids that another process already has.
+    import subprocess
+
+    uid = 1_500_000_000 + os.getpid() % 1000 * 64
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to run a process under that uid)")
+    squatter = subprocess.Popen(["sleep", "30"], user=uid)
+    try:
+        with pytest.raises(SandboxError, match="are in use"):
+            with ThreadedPool(SandboxConfig(slots=1, uid_base=uid)):
+                pass
+        assert squatter.poll() is None  # and it was not killed
+    finally:
+        squatter.kill()
+        squatter.wait()

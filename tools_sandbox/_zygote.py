@@ -690,6 +690,22 @@ def _children_of_self() -> list[int]:
         return []
 
 
+def _processes_of_uids(uids: range) -> list[int]:
+    """Pids of the processes whose real, effective or saved uid is in ``uids``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                line = next(line for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if any(int(u) in uids for u in line.split()[1:4]):
+            found.append(int(name))
+    return found
+
+
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid`` (from a child that takes that uid: kill(-1) as a user
     reaches exactly that user's processes). A killer that does not finish within a second
@@ -968,16 +984,25 @@ def main() -> None:
                      "private_dev", "readonly_root", "private_tmp"):
             features[name] = False
             errors[name] = "needs root (CAP_SYS_ADMIN)"
-    if not features["pidfd"]:
+    def fatal(why: str) -> None:
         ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
-                             "errors": errors, "fatal": "pidfd_open is required (Linux >= 5.3)"}
-                            ).encode())
+                             "errors": errors, "fatal": why}).encode())
         os._exit(1)
+
+    if not features["pidfd"]:
+        fatal("pidfd_open is required (Linux >= 5.3)")
     # One uid per slot, unique among live pools on this host (pids are unique), so a call
     # can signal or read nothing but itself, and the leftover sweep hits only its own call.
     uid_base = cfg["uid_base"]
     if uid_base is None:
         uid_base = 1_000_000_000 + (os.getpid() % (1 << 22)) * 64
+    if features["uid_drop"]:
+        # The slots kill every process of their uids (leftovers of calls): none may be
+        # anybody else's.
+        busy = _processes_of_uids(range(uid_base, uid_base + int(cfg.get("slots", 64))))
+        if busy:
+            fatal(f"uids {uid_base}..{uid_base + int(cfg.get('slots', 64)) - 1} are in use on this "
+                  f"host (pids {busy[:5]}): choose another uid_base")
 
     # Run the call path here, so what it initializes lazily (compiler and AST state, caches)
     # is part of the shared image instead of being redone in every call child; and often

@@ -25,7 +25,9 @@ class SandboxConfig(BaseModel):
     tmpfs_mb: int = Field(64, ge=16)  # size of each slot's own /tmp (its calls' temp dirs; RAM, so slots x this in all)
     preload: list[str] = Field(default_factory=lambda: list(DEFAULT_PRELOAD))  # modules imported once in the zygote
     huge_pages: bool = True  # back the zygote's warm heap with huge pages (cheaper fork and exit per call)
-    uid_base: int | None = Field(None, ge=1)  # slot i runs calls as uid_base+i; None: unique per pool from the zygote pid
+    # slot i runs calls as uid_base+i; None: unique per pool from the zygote pid. Above the
+    # uids of users (and checked at start: no process may have one of these uids already)
+    uid_base: int | None = Field(None, ge=65536)
     insecure: bool = False  # run even when a kernel feature is missing (reported in pool.features)
     start_timeout_s: float = Field(120.0, gt=0)  # how long the zygote may take to import and isolate
     grace_s: float = Field(5.0, gt=0)  # extra wait past a call's timeout before the pool kills its slot

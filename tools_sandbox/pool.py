@@ -349,6 +349,7 @@ class SandboxPool:
             "max_open_files": cfg.max_open_files,
             "max_threads": cfg.max_threads,
             "uid_base": cfg.uid_base,
+            "slots": cfg.slots,
             "huge_pages": cfg.huge_pages,
         }
         argv = [cfg.python or sys.executable, "-I", str(ZYGOTE_PATH), json.dumps(zcfg)]
