@@ -401,7 +401,7 @@ class SandboxPool:
             await self._all_spawned.wait()
 
     async def _read_control(self) -> None:
-        """Receive slot sockets from the zygote; on zygote death, fail the pool."""
+        """Receive slots (their pipes) from the zygote; on zygote death, fail the pool."""
         fd_space = socket.CMSG_SPACE(6 * array.array("i", [0]).itemsize)
         while True:
             try:
