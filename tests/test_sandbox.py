@@ -19,6 +19,14 @@ def tp():
         pytest.skip(f"sandbox isolation unavailable here: {e}")
 
 
+def run_or_skip(main) -> None:
+    """``trio.run(main)``, skipping the test where the sandbox cannot isolate (not root)."""
+    try:
+        trio.run(main)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+
+
 def test_all_isolation_features_active(tp):
     assert all(tp.pool.features.values()), tp.pool.feature_errors
 
@@ -147,10 +155,7 @@ def test_queueing_beyond_slots():
             assert [r.status for r in seen] == ["ok"] * 4
             assert pool.free_slots == 2
 
-    try:
-        trio.run(main)
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
+    run_or_skip(main)
 
 
 def test_cancelled_call_replaces_its_slot():
@@ -164,10 +169,7 @@ def test_cancelled_call_replaces_its_slot():
         with pytest.raises(SandboxError):
             await pool.execute("1")
 
-    try:
-        trio.run(main)
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
+    run_or_skip(main)
 
 
 def _zygote_tmp(pool):
@@ -227,10 +229,7 @@ def test_a_dead_slot_costs_at_most_its_call_and_is_replaced(when):
                           for p in _zygote_tmp(pool).iterdir()):
                     await trio.sleep(0.05)
 
-    try:
-        trio.run(main)
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
+    run_or_skip(main)
 
 
 def test_bad_input_is_refused_before_a_slot_is_taken():
@@ -244,10 +243,7 @@ def test_bad_input_is_refused_before_a_slot_is_taken():
             with trio.fail_after(10):
                 assert (await pool.execute("print(1)")).stdout == "1\n"
 
-    try:
-        trio.run(main)
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
+    run_or_skip(main)
 
 
 def test_bad_arguments():

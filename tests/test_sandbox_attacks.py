@@ -341,3 +341,4 @@ def test_file_locks_end_with_their_call_and_are_not_listed(tp):
 def test_no_zombies_or_strays_after_suite(tp):
     assert call_processes(tp) == []
     assert tp.pool.free_slots == SLOTS  # (last: after every attack above)
+    assert tp.pool.stats["leftover_processes"] == 0  # no fork bomb made a single process

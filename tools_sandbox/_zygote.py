@@ -813,7 +813,12 @@ def _reseeder():
             steps.append(numpy_key)
     if len(steps) == 1:
         return steps[0]
-    return lambda: [step() for step in steps]
+
+    def all_steps() -> None:
+        for step in steps:
+            step()
+
+    return all_steps
 
 
 def _remove_tree(path: str) -> bool:

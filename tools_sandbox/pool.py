@@ -101,6 +101,7 @@ class _Slot:
     child_pid: int = 0  # the pid of the last "P" report: the call child, until its "S"
     child_pidfd: int = -1  # a pidfd on it, opened when its "P" report is read
     end: tuple[int, int] | None = None  # the "S" report of the running call: (wait status, leftovers)
+    leftovers: int = 0  # of the last call that ended
 
     def __post_init__(self) -> None:
         for fd in (self.go_w, self.report_r, self.req_w, self.out_r, self.err_r):
@@ -232,7 +233,7 @@ class _Slot:
             if view:
                 self.epoll.unregister(req_w)
         duration = trio.current_time() - start
-        wstatus, _leftovers = self.end
+        wstatus, self.leftovers = self.end
         self.child_pid = 0
         self._close_child()
         # The call's processes are gone: what they wrote is in the pipes, and nothing can
@@ -295,7 +296,9 @@ class SandboxPool:
         self.feature_errors: dict[str, str] = {}
         self.uid_base: int | None = None  # slot i runs its calls as uid_base + i
         self.huge_pages_mb = 0  # how much of the zygote's heap is backed by huge pages
-        self.stats = {"calls": 0, "slot_restarts": 0}
+        # leftover_processes: processes calls left behind that their slot killed (none
+        # where seccomp is on: a call cannot make any)
+        self.stats = {"calls": 0, "slot_restarts": 0, "leftover_processes": 0}
         self._queued = 0
         self._idle_send, self._idle_recv = trio.open_memory_channel[_Slot](math.inf)
         self._slots: dict[int, _Slot] = {}
@@ -344,7 +347,6 @@ class SandboxPool:
             "parent_pid": os.getpid(),
             "preload": cfg.preload,
             "tmpfs_mb": cfg.tmpfs_mb,
-            "max_output_bytes": cfg.max_output_bytes,
             "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files,
             "max_threads": cfg.max_threads,
@@ -521,6 +523,7 @@ class SandboxPool:
             result = None
         finally:
             if result is not None:
+                self.stats["leftover_processes"] += slot.leftovers
                 self._idle_send.send_nowait(slot)
             elif self._nursery is not None and not self._closed:
                 self._nursery.start_soon(self._respawn, slot)
