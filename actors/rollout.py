@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.engines import Engine, SamplingSpec
-from training.chat import TOOL_CALL_END, ToolCallParseError, parse_tool_call, tool_response_suffix
+from training.chat import TOOL_CALL_END, ToolCallParseError, encode_text, parse_tool_call, tool_response_suffix
 
 #: call_tool(code, turn) -> (status, text): status as the sandbox reports it (ok, error,
 #: timeout, ...), text what the model sees inside <tool_response>.
@@ -73,7 +73,7 @@ def tool_call_id(request_id: str, turn: int) -> str:
 async def run_trajectory(engine: Engine, tokenizer, spec: RolloutSpec, call_tool: CallTool) -> Trajectory:
     """Generate one multi-turn rollout for ``spec`` on ``engine``.
 
-    ``tokenizer`` turns tool responses into ids (``encode``) and model turns into text
+    ``tokenizer`` turns tool responses into ids (:func:`training.chat.encode_text`) and model turns into text
     (``decode``). A malformed tool call is answered with a tool response naming the parse
     error (status ``parse_error``) and the rollout continues. Errors from ``call_tool`` or
     the engine propagate; cancelling the calling task aborts the turn in flight.
@@ -126,7 +126,7 @@ async def run_trajectory(engine: Engine, tokenizer, spec: RolloutSpec, call_tool
             status, reply = await call_tool(code, turns)
         calls.append({"call_id": call_id, "status": status})
         suffix = tool_response_suffix(reply)
-        suffix_ids = tokenizer.encode(suffix, add_special_tokens=False)
+        suffix_ids = encode_text(tokenizer, suffix)
         room = spec.max_tokens - len(ids)
         if len(suffix_ids) > room:  # the shared budget ends inside the tool response
             suffix_ids = suffix_ids[:room]

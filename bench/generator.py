@@ -32,6 +32,13 @@ hide, dominate.
 The model is the tests' tiny Qwen2 trained to write a tool-use rollout, so rollouts
 really call the tool.
 
+Last, the **engine-bound ceiling**: the last round's rollouts replayed turn for turn on the
+engine thread itself (``Engine.exclusive``), each continuation added the moment its turn
+ends, against their plain counterparts replayed the same way. No tool, no trio, no
+admission: only the engine's own cost of the turns (each continuation's prefill of the
+tool response and the unfinished KV block). Rollouts through the generator cannot beat
+this ratio on this engine and machine.
+
     python -m bench.generator [--kind vllm|hf] [--n 512] [--max-running 32] [--latency-ms 0 50 300]
 """
 
@@ -104,6 +111,64 @@ class Admission:
                 await self._changed.wait()
 
 
+#: One job of the engine-bound replay: its turns, each (tool-response ids fed before the
+#: turn, model tokens sampled in it); a plain request is one turn with nothing fed.
+Job = list[tuple[list[int], int]]
+
+
+def turn_shapes(response_ids, loss_mask) -> Job:
+    """Split a trajectory's response into its turns: runs of model tokens (loss mask 1), each
+    with the tool-response ids (mask 0) that came before it. Trailing tool ids (the budget
+    ended in a response) start no turn."""
+    turns: Job = []
+    fed: list[int] = []
+    for tid, m in zip(response_ids.tolist(), loss_mask.tolist()):
+        if m:
+            if fed or not turns:
+                turns.append((fed, 0))
+                fed = []
+            turns[-1] = (turns[-1][0], turns[-1][1] + 1)
+        else:
+            fed.append(tid)
+    return turns
+
+
+def replay(backend, tag: str, prompt: list[int], jobs: list[Job], slots: int, temperature: float) -> tuple[int, float]:
+    """Run ``jobs`` on ``backend`` synchronously (call it on the engine thread): at most
+    ``slots`` jobs at a time, a job's next turn added as soon as its last one ends, each turn
+    sampling exactly its token count. Returns (tokens sampled, seconds)."""
+    from actors.engines import SamplingSpec
+
+    t0 = time.perf_counter()
+    state: dict[str, tuple[int, int, list[int]]] = {}  # request id -> (job, turn, history)
+
+    def add(rid: str, i: int, t: int, history: list[int]) -> None:
+        fed, n = jobs[i][t]
+        history = history + fed
+        state[rid] = (i, t, history)
+        backend.add(rid, prompt + history, SamplingSpec(max_tokens=n, temperature=temperature, ignore_eos=True))
+
+    started = made = 0
+    while started < min(slots, len(jobs)):
+        add(f"{tag}-e{started}", started, 0, [])
+        started += 1
+    while backend.has_work():
+        for d in backend.step():
+            made += len(d.token_ids)
+            i, t, history = state[d.request_id]
+            history += d.token_ids
+            if d.finish_reason is None:
+                continue
+            if t + 1 < len(jobs[i]):
+                add(d.request_id, i, t + 1, history)
+            else:
+                del state[d.request_id]
+                if started < len(jobs):
+                    add(f"{tag}-e{started}", started, 0, [])
+                    started += 1
+    return made, time.perf_counter() - t0
+
+
 async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, float]]:
     from transformers import AutoTokenizer
 
@@ -128,6 +193,7 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
         async def rollouts(tag: str, n: int, lat: float) -> tuple[list[int], int, float]:
             adm = Admission(args.max_running, args.cap_in_flight, lambda: engine.counters()["tokens"])
             lengths = [0] * n
+            shapes[:] = [[] for _ in range(n)]
             calls = 0
 
             async def job(i: int) -> None:
@@ -146,6 +212,7 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
                 spec = RolloutSpec(f"{tag}-r{i}", prompt, args.max_tokens, args.max_turns, temperature=args.temperature)
                 traj = await run_trajectory(engine, tok, spec, call_tool)
                 lengths[i] = int(traj.loss_mask.sum())
+                shapes[i] = turn_shapes(traj.response_ids, traj.loss_mask)
 
             t = time.perf_counter()
             c0 = engine.counters()
@@ -179,6 +246,7 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
             steady[3] += adm.window[1]
             return made, time.perf_counter() - t
 
+        shapes: list[Job] = []  # the last rollouts round's turns, for the engine-bound replay
         occupancy = [0, 0, 0, 0, 0.0, 0.0]  # rollout tokens, steps, plain tokens, steps, rollout / plain seconds in steps
         steady = [0.0, 0.0, 0.0, 0.0]  # steady-state window: rollout seconds, tokens, plain seconds, tokens
 
@@ -214,6 +282,20 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
                 flush=True,
             )
             results.append((lat, ratio))
+        # The same turns with nothing between them but the engine: the ceiling of the ratio.
+        jobs = [list(job) for job in shapes]
+        plain_jobs = [[([], sum(n for _, n in job))] for job in jobs]
+        et = edt = ept = epdt = 0.0
+        for rnd in range(args.rounds):
+            made, dt = await engine.exclusive(lambda b: replay(b, f"eb{rnd}", prompt, jobs, args.max_running, args.temperature))
+            p_made, p_dt = await engine.exclusive(lambda b: replay(b, f"ep{rnd}", prompt, plain_jobs, args.max_running, args.temperature))
+            et, edt, ept, epdt = et + made, edt + dt, ept + p_made, epdt + p_dt
+            print(f"  round {rnd + 1}: replayed rollouts {made / dt:.0f} tok/s, plain {p_made / p_dt:.0f} tok/s; ratio {made / dt / (p_made / p_dt):.2f}", flush=True)
+        print(
+            f"engine-bound ceiling (the last {len(jobs)} rollouts' turns replayed on the engine thread, no tool, no trio, "
+            f"{args.rounds} rounds): rollouts {et / edt:.0f} tok/s, plain {ept / epdt:.0f} tok/s; ratio {et / edt / (ept / epdt):.2f}",
+            flush=True,
+        )
     base = dict(results).get(0.0)
     if base and len(results) > 1:
         # The 0 ms rollouts do all the multi-turn work (a prefill per turn, the turn's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.chat import ADDED_TOKENS, ENDOFTEXT, IM_END, SPECIAL_TOKENS, tool_call_text, tool_response_suffix
+from training.chat import ADDED_TOKENS, ENDOFTEXT, IM_END, SPECIAL_TOKENS, encode_text, tool_call_text, tool_response_suffix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -57,6 +57,21 @@ def test_decode_round_trips_a_tool_call(tiny_dir):
     tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
     text = "Use Python.\n" + tool_call_text("import math\nprint(math.comb(23, 7))")
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("text", [
+    tool_response_suffix("42"),
+    tool_response_suffix("Traceback (most recent call last):\n  ValueError: ünïcødé ✓\t\r\n"),
+    "  leading spaces, <|im_start|>inline specials<|im_end|> and </tool_call>",
+    "",
+])
+def test_encode_text_is_tokenizer_encode(tiny_dir, text):
+    # the generator's fast path must give exactly the ids transformers gives, or the
+    # trajectory's tool tokens would differ from the chat template's (slow tokenizers
+    # have no backend and take the plain call)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    assert encode_text(tok, text) == tok.encode(text, add_special_tokens=False)
+    assert tok.backend_tokenizer is not None
 
 
 def test_chat_template_renders_the_chat_format(tiny_dir):

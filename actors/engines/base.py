@@ -252,6 +252,15 @@ class Engine:
         """
         await self._call(lambda b: b.reload_weights(str(path)), version=version)
 
+    async def exclusive(self, fn: Callable[[Backend], Any]) -> Any:
+        """Run ``fn(backend)`` on the engine thread between two steps and return its result.
+
+        ``fn`` has the backend to itself while it runs: no other request is added, stepped
+        or delivered meanwhile (benchmarks drive the backend synchronously this way; see
+        bench/generator.py). Raises EngineError wrapping whatever ``fn`` raised.
+        """
+        return await self._call(fn)
+
     def capacity(self) -> dict[str, int]:
         """Latest KV/slot snapshot (updated after each engine step): total_tokens, free_tokens,
         total_slots, free_slots, running, waiting."""
