@@ -97,6 +97,13 @@ class GeneratorSection(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)  # inference engine settings
     capacity_interval_s: float = 0.5  # cadence of CapacityReported
     max_tool_calls_in_flight: int = 32  # per generator
+    # What rollouts in flight do when new weights are published (docs/generator.md):
+    # continue = reload between two engine steps, running sequences go on with the new
+    # weights (their KV recomputed; each token tagged with its version); finish = new
+    # rollouts wait, those in flight finish on the old weights, then reload (every rollout
+    # sampled by one version); abort = rollouts in flight end as "aborted" (the scheduler
+    # places them again), then reload.
+    on_weights: Literal["continue", "finish", "abort"] = "continue"
 
 
 class ToolsSection(Section):

@@ -7,7 +7,8 @@ than it reported free slots); the sequence waits for ToolCallCompleted while eve
 sequence on the engine keeps decoding; the tool output is appended as token ids and
 generation continues. The finished trajectory (TrajectoryCompleted) goes to a verifier
 and to the scheduler. Free KV capacity is reported to the scheduler at a steady cadence
-(CapacityReported), and WeightsPublished reloads the engine in place.
+(CapacityReported). WeightsPublished reloads the engine in place; what the rollouts in
+flight do meanwhile is ``generator.on_weights`` (:class:`WeightsSwitch`).
 
 Supervision: a RolloutRequested is acknowledged only once its trajectory has reached the
 scheduler and the verifier, so a generator killed mid-rollout gets its rollouts resent
@@ -21,13 +22,15 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
 
 import numpy as np
 import trio
 from transformers import AutoTokenizer
 
-from actors.engines import create_engine
-from actors.rollout import RolloutSpec, run_trajectory
+from actors.engines import Engine, create_engine
+from actors.rollout import RolloutSpec, Trajectory, run_trajectory
 from actors.runtime import Context
 from actors.supervision import latest_weights, note_reissue, settle
 from protocol.events import (
@@ -41,8 +44,80 @@ from protocol.events import (
 )
 from training.chat import encode_prompt
 
+T = TypeVar("T")
+
 #: Requests acknowledged only once done (actors/supervision.py).
 ACK_WHEN_DONE = ("RolloutRequested",)
+
+OnWeights = Literal["continue", "finish", "abort"]
+
+
+class WeightsSwitch:
+    """The rollouts running on one engine, and the weight reloads between them.
+
+    Every rollout runs through :meth:`run`. New weights arrive in two calls: :meth:`hold`
+    at once when WeightsPublished is received, so no rollout received after it starts on
+    the old weights, and :meth:`swap`, which reloads per ``policy``:
+
+    * ``continue``: reload between two engine steps; rollouts in flight go on, their later
+      tokens sampled (and tagged) with the new version.
+    * ``finish``: wait until every rollout in flight has ended (tool calls included), then
+      reload: each rollout is sampled by exactly one version.
+    * ``abort``: cancel every rollout in flight (its :meth:`run` returns None), then reload.
+
+    Rollouts that arrive while a reload is pending wait and then start on the new weights.
+    """
+
+    def __init__(self, engine: Engine, policy: OnWeights) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.active: dict[str, trio.CancelScope] = {}  # rollout id -> its cancel scope
+        self._pending = 0  # reloads held and not yet done
+        self._open = trio.Event()
+        self._open.set()
+        self._idle: trio.Event | None = None  # set when the last rollout in flight ends
+        self._lock = trio.Lock()
+
+    async def run(self, rollout_id: str, fn: Callable[[], Awaitable[T]]) -> T | None:
+        """Run ``fn()`` as rollout ``rollout_id`` once no reload is pending; None if aborted."""
+        while not self._open.is_set():
+            await self._open.wait()
+        scope = self.active[rollout_id] = trio.CancelScope()
+        try:
+            with scope:
+                return await fn()
+            return None  # cancelled by an abort swap
+        finally:
+            del self.active[rollout_id]
+            if not self.active and self._idle is not None:
+                self._idle.set()
+
+    def hold(self) -> None:
+        """A reload is coming: rollouts that arrive from now on wait for it."""
+        self._pending += 1
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    async def swap(self, path: str, version: int) -> bool:
+        """Reload to ``version`` per the policy (after :meth:`hold`); False if the engine
+        already had that version or a newer one."""
+        try:
+            async with self._lock:
+                if version <= self.engine.version:
+                    return False
+                if self.policy == "abort":
+                    for scope in self.active.values():
+                        scope.cancel()
+                if self.policy != "continue" and self.active:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+                    self._idle = None
+                await self.engine.reload_weights(path, version)
+                return True
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._open.set()
 
 class ToolDispatcher:
     """Credit-based dispatch of tool calls to executors, and the wait for their results."""
@@ -117,6 +192,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     tools = ToolDispatcher(ctx)
     busy_s = 0.0
     async with create_engine(cfg.generator.engine, cfg.model.path) as engine:
+        switch = WeightsSwitch(engine, cfg.generator.on_weights)
         # A restarted generator missed the WeightsPublished its predecessor saw: start on the
         # newest weights of the run.
         latest = latest_weights(cfg.run.run_dir) if cfg.run.run_dir else None
@@ -146,34 +222,30 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             while True:
                 await trio.sleep(cfg.generator.capacity_interval_s)
                 now = time.monotonic()
-                if engine.capacity()["running"] > 0 or active:
+                if engine.capacity()["running"] > 0 or switch.active:
                     busy_s += now - last
                 last = now
                 report()
 
-        active: set[str] = set()
-
         async def rollout(env: Envelope) -> None:
             req: RolloutRequested = env.payload
             note_reissue(ctx, env, "rollout", req.rollout_id)
-            active.add(req.rollout_id)
             t0 = time.monotonic()
-            try:
-                prompt_ids = encode_prompt(tokenizer, req.problem)
-                spec = RolloutSpec(
-                    request_id=req.rollout_id,
-                    prompt_ids=prompt_ids,
-                    max_tokens=req.max_tokens,
-                    max_turns=req.max_turns,
-                    temperature=req.temperature,
-                )
+            prompt_ids = encode_prompt(tokenizer, req.problem)
+            spec = RolloutSpec(
+                request_id=req.rollout_id,
+                prompt_ids=prompt_ids,
+                max_tokens=req.max_tokens,
+                max_turns=req.max_turns,
+                temperature=req.temperature,
+            )
 
-                async def call_tool(code: str, turn: int) -> tuple[str, str]:
-                    return await tools.call(req.rollout_id, turn, code)
+            async def call_tool(code: str, turn: int) -> tuple[str, str]:
+                return await tools.call(req.rollout_id, turn, code)
 
-                traj = await run_trajectory(engine, tokenizer, spec, call_tool)
-            finally:
-                active.discard(req.rollout_id)
+            traj = await switch.run(req.rollout_id, lambda: run_trajectory(engine, tokenizer, spec, call_tool))
+            if traj is None:  # aborted for new weights (generator.on_weights = "abort"): placed again
+                traj = Trajectory.empty(req.rollout_id, prompt_ids, "aborted")
             done = TrajectoryCompleted(
                 rollout_id=req.rollout_id,
                 group_id=req.group_id,
@@ -201,6 +273,14 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             report()
             await settle(ctx, env, out)
 
+        async def reload(ev: WeightsPublished) -> None:
+            t = time.monotonic()
+            in_flight = len(switch.active)
+            if await switch.swap(ev.path, ev.version):
+                ctx.log.info("weights reloaded", version=ev.version, policy=switch.policy, in_flight=in_flight,
+                             seconds=round(time.monotonic() - t, 3))
+                report()
+
         async with trio.open_nursery() as nursery:
             report()
             nursery.start_soon(capacity_loop)
@@ -214,9 +294,7 @@ async def run(ctx: Context, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                     tools.on_completed(ev)
                 elif isinstance(ev, WeightsPublished):
                     if ev.version > engine.version:
-                        t = time.monotonic()
-                        await engine.reload_weights(ev.path, ev.version)
-                        ctx.log.info("weights reloaded", version=ev.version, seconds=round(time.monotonic() - t, 3))
-                        report()
+                        switch.hold()  # rollouts received from now on start on the new weights
+                        nursery.start_soon(reload, ev)
                 elif env.type == "CapacityReported" and ev.kind == "tool_executor":
                     tools.on_capacity(env.source, ev.free_slots)

@@ -64,6 +64,13 @@ class Trajectory:
     finish_reason: str = "stop"
     seconds: float = 0.0
 
+    @classmethod
+    def empty(cls, request_id: str, prompt_ids: list[int], finish_reason: str) -> Trajectory:
+        """A rollout that ended before its first token (e.g. aborted for new weights)."""
+        none = np.zeros(0, np.int32)
+        return cls(request_id, np.asarray(prompt_ids, np.int32), none, np.zeros(0, np.float32), none, none,
+                   response_text="", turns=0, finish_reason=finish_reason)
+
 
 def tool_call_id(request_id: str, turn: int) -> str:
     """The id of the tool call made at the end of ``turn`` (1-based) of ``request_id``."""

@@ -169,3 +169,73 @@ def test_hf_continuation_prefills_only_the_new_tokens(model_dir):
     assert reason == "stop"
     text, reason = run("t", prompt, ("compute",))
     assert reason == "stop" and "compute" in tok.decode(text) and len(text) < len(turn1)
+
+
+@pytest.mark.parametrize("policy", ["continue", "finish", "abort"])
+def test_weights_policy_for_rollouts_in_flight(model_dir, policy):
+    """New weights arrive while three rollouts wait on their first tool call, and a fourth
+    rollout arrives right after: generator.on_weights decides what the three do; the fourth
+    always starts on the new weights."""
+    from transformers import AutoTokenizer
+
+    from actors.generator import WeightsSwitch
+    from training.chat import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = encode_prompt(tok, PROBLEM)
+    parked: set[str] = set()
+    release = trio.Event()
+
+    async def main():
+        async with create_engine(EngineConfig(kind="hf", max_model_len=1024, max_running=8), model_dir) as engine:
+            switch = WeightsSwitch(engine, policy)
+            results: dict[str, object] = {}
+
+            async def one(rid: str) -> None:
+                async def tool(code: str, turn: int) -> tuple[str, str]:
+                    parked.add(rid)
+                    await release.wait()
+                    return "ok", "42"
+
+                spec = RolloutSpec(rid, prompt, 600, 5, temperature=0.01, seed=1)
+                results[rid] = await switch.run(rid, lambda: run_trajectory(engine, tok, spec, tool))
+
+            swapped_at_release = None
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, f"old{i}")
+                with trio.fail_after(60):
+                    while len(parked) < 3:
+                        await trio.sleep(0.01)
+                switch.hold()  # what the generator does on receiving WeightsPublished
+                nursery.start_soon(one, "new")
+                swapped = trio.Event()
+
+                async def swap() -> None:
+                    assert await switch.swap(str(model_dir), 1)
+                    swapped.set()
+
+                nursery.start_soon(swap)
+                with trio.move_on_after(0.5 if policy == "finish" else 30):
+                    await swapped.wait()
+                swapped_at_release = swapped.is_set()
+                assert "new" not in parked  # it waits for the reload, whatever the policy
+                release.set()
+            assert engine.version == 1
+            return results, swapped_at_release
+
+    results, swapped_at_release = trio.run(main)
+    # "finish" reloads only once the three have ended; the others at once
+    assert swapped_at_release == (policy != "finish")
+
+    def versions(rid: str) -> set[int]:
+        t = results[rid]
+        return set(t.versions[t.loss_mask == 1].tolist())
+
+    assert versions("new") == {1} and results["new"].turns >= 2
+    for rid in ("old0", "old1", "old2"):
+        if policy == "abort":
+            assert results[rid] is None
+        else:
+            assert results[rid].turns >= 2 and results[rid].finish_reason == "stop"
+            assert versions(rid) == ({0, 1} if policy == "continue" else {0})
