@@ -167,3 +167,33 @@ def test_vllm_next_turn_reuses_all_but_a_block_of_its_history(model_dir):
             assert cached >= len(history) - 32, (cached, len(history))
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stream_yields_tokens_as_they_come_and_leaving_early_aborts(kind, model_dir):
+    from contextlib import aclosing
+
+    async def main():
+        async with create_engine(EngineConfig(kind=kind, max_model_len=512, max_running=8), model_dir) as engine:
+            spec = SamplingSpec(max_tokens=30, seed=3, ignore_eos=True)
+            chunks = [c async for c in engine.stream("s", [1, 10, 20, 30], spec)]
+            whole = await engine.generate("g", [1, 10, 20, 30], spec)
+            # leave a long stream after its first chunk: the request is aborted, its slot freed
+            async with aclosing(engine.stream("left", [1, 11, 20, 30], SamplingSpec(max_tokens=400, ignore_eos=True))) as s:
+                async for first in s:
+                    break
+            assert engine.running == 0
+            with trio.fail_after(10):
+                while engine.capacity()["running"]:
+                    await trio.sleep(0.01)
+            return chunks, whole, first
+
+    chunks, whole, first = trio.run(main)
+    assert len(chunks) > 1 and len(first.token_ids) >= 1 and first.finish_reason is None
+    assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason == "length"
+    ids = [t for c in chunks for t in c.token_ids]
+    lps = [x for c in chunks for x in c.logprobs]
+    # the same seeded request through generate: same tokens, same logprobs
+    assert ids == whole.token_ids and len(ids) == 30
+    np.testing.assert_allclose(lps, whole.logprobs, atol=1e-5)
+    assert [v for c in chunks for v in c.versions] == [0] * 30

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors.engines.base import Engine, EngineConfig, EngineError, SamplingSpec, TurnOutput
+from actors.engines.base import Engine, EngineConfig, EngineError, SamplingSpec, TurnChunk, TurnOutput
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "SamplingSpec", "TurnOutput", "create_engine"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "SamplingSpec", "TurnChunk", "TurnOutput", "create_engine"]
 
 
 def create_engine(cfg: EngineConfig, model_dir: str | Path) -> Engine:

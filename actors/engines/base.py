@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,6 +89,19 @@ class TurnOutput:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class TurnChunk:
+    """Tokens of one streamed request since its previous chunk (:meth:`Engine.stream`).
+
+    ``finish_reason`` is set on the last chunk only (its token lists may be empty).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: FinishReason | None
+
+
 class EngineError(RuntimeError):
     """The engine thread failed; every waiting request gets this error."""
 
@@ -111,6 +124,11 @@ class _Pending:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     done: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event | None = None  # a stream() waiting for this request's next tokens
+
+    def notify(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
 
 _STOP = object()
@@ -219,23 +237,44 @@ class Engine:
         Returns when the request finishes (stop string, EOS, length) or is aborted; raises
         EngineError if the engine thread died, ValueError on a duplicate ``request_id``.
         """
-        self._check_alive()
-        if request_id in self._pending:
-            raise ValueError(f"request id {request_id!r} is already running on this engine; ids must be unique")
-        if not prompt_ids:
-            raise ValueError(f"request {request_id!r}: prompt_ids is empty")
-        p = self._pending[request_id] = _Pending()
-        prompt = list(prompt_ids)
-        self._cmds.put(lambda b: b.add(request_id, prompt, spec))
+        p = self._submit(request_id, prompt_ids, spec)
         try:
             await p.done.wait()
         finally:
-            if not p.done.is_set():  # cancelled while running: free its slot in the engine
-                self._finish(request_id, "abort")
-                self._cmds.put(lambda b: b.abort(request_id))
+            self._abandon(request_id, p)
         if p.error is not None:
             raise p.error
         return TurnOutput(p.token_ids, p.logprobs, p.versions, p.finish_reason or "abort", self._version)
+
+    async def stream(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[TurnChunk]:
+        """Like :meth:`generate`, but yields the request's tokens as the engine samples them.
+
+        One chunk per engine step that gave the request tokens (several steps' worth when
+        the consumer is slower than the engine); the last chunk has ``finish_reason`` set.
+        Leaving the loop early aborts the request; wrap the call in
+        ``contextlib.aclosing`` so that happens at once rather than when the generator is
+        collected. Raises like :meth:`generate`.
+        """
+        p = self._submit(request_id, prompt_ids, spec)
+        sent = 0
+        try:
+            while True:
+                if p.error is not None:
+                    raise p.error
+                done = p.done.is_set()
+                n = len(p.token_ids)
+                if n > sent or done:
+                    chunk = TurnChunk(p.token_ids[sent:n], p.logprobs[sent:n], p.versions[sent:n],
+                                      (p.finish_reason or "abort") if done else None)
+                    sent = n
+                    yield chunk
+                    if done:
+                        return
+                else:
+                    p.wake = trio.Event()
+                    await p.wake.wait()
+        finally:
+            self._abandon(request_id, p)
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request; its ``generate`` returns the tokens so far with finish "abort".
@@ -279,6 +318,24 @@ class Engine:
 
     # ---- trio side internals -----------------------------------------------------------
 
+    def _submit(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> _Pending:
+        """Queue a request for the engine thread; its tokens collect in the returned _Pending."""
+        self._check_alive()
+        if request_id in self._pending:
+            raise ValueError(f"request id {request_id!r} is already running on this engine; ids must be unique")
+        if not prompt_ids:
+            raise ValueError(f"request {request_id!r}: prompt_ids is empty")
+        p = self._pending[request_id] = _Pending()
+        prompt = list(prompt_ids)
+        self._cmds.put(lambda b: b.add(request_id, prompt, spec))
+        return p
+
+    def _abandon(self, request_id: str, p: _Pending) -> None:
+        """The caller stopped waiting (cancelled, or left a stream): free the request's slot."""
+        if not p.done.is_set():
+            self._finish(request_id, "abort")
+            self._cmds.put(lambda b: b.abort(request_id))
+
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineError(f"{self._name} engine thread died: {self._dead!r}") from self._dead
@@ -319,6 +376,7 @@ class Engine:
             return False
         p.finish_reason = reason
         p.done.set()
+        p.notify()
         return True
 
     def _deliver(self, deltas: list[Delta], version: int, capacity: dict[str, int]) -> None:
@@ -332,11 +390,14 @@ class Engine:
             p.versions += [version] * len(d.token_ids)
             if d.finish_reason is not None:
                 self._finish(d.request_id, d.finish_reason)
+            else:
+                p.notify()
 
     def _fail_all(self, err: BaseException) -> None:
         for p in self._pending.values():
             p.error = err
             p.done.set()
+            p.notify()
         self._pending.clear()
 
     def _on_dead(self, err: BaseException) -> None:
