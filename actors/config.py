@@ -96,7 +96,7 @@ class GeneratorSection(Section):
     count: int = Field(default=1, ge=1)  # generator processes
     engine: EngineConfig = Field(default_factory=EngineConfig)  # inference engine settings
     capacity_interval_s: float = 0.5  # cadence of CapacityReported
-    max_tool_calls_in_flight: int = 32  # per generator
+    max_tool_calls_in_flight: int = Field(default=32, ge=1)  # per generator: further calls wait for one to end
     # What rollouts in flight do when new weights are published (docs/generator.md):
     # continue = reload between two engine steps, running sequences go on with the new
     # weights (their KV recomputed; each token tagged with its version); finish = new

@@ -120,10 +120,15 @@ class WeightsSwitch:
                 self._open.set()
 
 class ToolDispatcher:
-    """Credit-based dispatch of tool calls to executors, and the wait for their results."""
+    """Credit-based dispatch of tool calls to executors, and the wait for their results.
+
+    At most ``generator.max_tool_calls_in_flight`` calls of this generator are out at once;
+    further calls wait for one to end (the executors' credits bound them too).
+    """
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.in_flight = trio.Semaphore(ctx.config.generator.max_tool_calls_in_flight)
         self.credits: dict[str, int] = {}  # executor -> free slots it last reported, minus ours since
         self.waiting: dict[str, trio.MemorySendChannel] = {}
         self.sent_to: dict[str, str] = {}
@@ -161,6 +166,10 @@ class ToolDispatcher:
                     self.credits.setdefault(name, 1)
 
     async def call(self, rollout_id: str, turn: int, code: str) -> tuple[str, str]:
+        async with self.in_flight:
+            return await self._call(rollout_id, turn, code)
+
+    async def _call(self, rollout_id: str, turn: int, code: str) -> tuple[str, str]:
         cfg = self.ctx.config.tools
         timeout = cfg.sandbox.timeout_s
         call_id = f"{rollout_id}-t{turn}-{self._incarnation}{next(self._ids)}"

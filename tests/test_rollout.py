@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import trio
+import trio.testing
 
 from actors.engines import EngineConfig, SamplingSpec, create_engine
 from actors.rollout import RolloutSpec, run_trajectory
@@ -239,3 +240,48 @@ def test_weights_policy_for_rollouts_in_flight(model_dir, policy):
         else:
             assert results[rid].turns >= 2 and results[rid].finish_reason == "stop"
             assert versions(rid) == ({0, 1} if policy == "continue" else {0})
+
+
+def test_tool_calls_in_flight_are_bounded_per_generator():
+    """generator.max_tool_calls_in_flight = 2: with credit for 10 at the executor, the third
+    call goes out only when one of the first two is answered."""
+    import structlog
+
+    from actors.config import Config
+    from actors.generator import ToolDispatcher
+    from protocol.events import ToolCallCompleted
+
+    class Ctx:
+        name = "generator-0"
+        config = Config.model_validate({"generator": {"max_tool_calls_in_flight": 2}})
+        log = structlog.get_logger()
+        sent: list = []
+
+        def emit(self, event, to=(), cause=None):
+            self.sent.append(event)
+
+    async def main():
+        ctx = Ctx()
+        tools = ToolDispatcher(ctx)
+        tools.on_capacity("tool-0", 10)
+        answers = {}
+
+        async def call(i: int) -> None:
+            answers[i] = await tools.call(f"r{i}", 1, "print(1)")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(call, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(ctx.sent) == 2
+            first = ctx.sent[0]
+            tools.on_completed(ToolCallCompleted(call_id=first.call_id, rollout_id=first.rollout_id, status="ok", stdout="1\n",
+                                                 stderr="", exit_code=0, signal=None, duration_s=0.01, text="1"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(ctx.sent) == 3
+            for ev in ctx.sent[1:]:
+                tools.on_completed(ToolCallCompleted(call_id=ev.call_id, rollout_id=ev.rollout_id, status="ok", stdout="",
+                                                     stderr="", exit_code=0, signal=None, duration_s=0.01, text="ok"))
+        return answers
+
+    assert sorted(trio.run(main).values()) == [("ok", "1"), ("ok", "ok"), ("ok", "ok")]
