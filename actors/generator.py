@@ -119,6 +119,7 @@ class WeightsSwitch:
             if not self._pending:
                 self._open.set()
 
+
 class ToolDispatcher:
     """Credit-based dispatch of tool calls to executors, and the wait for their results.
 

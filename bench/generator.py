@@ -134,9 +134,10 @@ def turn_shapes(response_ids, loss_mask) -> Job:
 
 
 def replay(backend, tag: str, prompt: list[int], jobs: list[Job], slots: int, temperature: float) -> tuple[int, float]:
-    """Run ``jobs`` on ``backend`` synchronously (call it on the engine thread): at most
-    ``slots`` jobs at a time, a job's next turn added as soon as its last one ends, each turn
-    sampling exactly its token count. Returns (tokens sampled, seconds)."""
+    """Run ``jobs`` on ``backend`` synchronously (call it on the engine thread, through
+    ``Engine.exclusive``, while no other request runs on the engine): at most ``slots`` jobs
+    at a time, a job's next turn added as soon as its last one ends, each turn sampling
+    exactly its token count. Returns (tokens sampled, seconds)."""
     from actors.engines import SamplingSpec
 
     t0 = time.perf_counter()
