@@ -36,8 +36,8 @@ Last, the **engine-bound ceiling**: the last round's rollouts replayed turn for 
 engine thread itself (``Engine.exclusive``), each continuation added the moment its turn
 ends, against their plain counterparts replayed the same way. No tool, no trio, no
 admission: only the engine's own cost of the turns (each continuation's prefill of the
-tool response and the unfinished KV block). Rollouts through the generator cannot beat
-this ratio on this engine and machine.
+tool response and the unfinished KV block). Rollouts through the generator can at best
+match this ratio on this engine and machine (up to the machine's round-to-round noise).
 
     python -m bench.generator [--kind vllm|hf] [--n 512] [--max-running 32] [--latency-ms 0 50 300]
 """
@@ -284,16 +284,15 @@ async def bench(args: argparse.Namespace, model_dir: str) -> list[tuple[float, f
             )
             results.append((lat, ratio))
         # The same turns with nothing between them but the engine: the ceiling of the ratio.
-        jobs = [list(job) for job in shapes]
-        plain_jobs = [[([], sum(n for _, n in job))] for job in jobs]
+        plain_jobs = [[([], sum(n for _, n in job))] for job in shapes]
         et = edt = ept = epdt = 0.0
         for rnd in range(args.rounds):
-            made, dt = await engine.exclusive(lambda b: replay(b, f"eb{rnd}", prompt, jobs, args.max_running, args.temperature))
+            made, dt = await engine.exclusive(lambda b: replay(b, f"eb{rnd}", prompt, shapes, args.max_running, args.temperature))
             p_made, p_dt = await engine.exclusive(lambda b: replay(b, f"ep{rnd}", prompt, plain_jobs, args.max_running, args.temperature))
             et, edt, ept, epdt = et + made, edt + dt, ept + p_made, epdt + p_dt
             print(f"  round {rnd + 1}: replayed rollouts {made / dt:.0f} tok/s, plain {p_made / p_dt:.0f} tok/s; ratio {made / dt / (p_made / p_dt):.2f}", flush=True)
         print(
-            f"engine-bound ceiling (the last {len(jobs)} rollouts' turns replayed on the engine thread, no tool, no trio, "
+            f"engine-bound ceiling (the last {len(shapes)} rollouts' turns replayed on the engine thread, no tool, no trio, "
             f"{args.rounds} rounds): rollouts {et / edt:.0f} tok/s, plain {ept / epdt:.0f} tok/s; ratio {et / edt / (ept / epdt):.2f}",
             flush=True,
         )

@@ -23,7 +23,7 @@ Wire formats:
   with the pool's ends of the slot's pipes attached (SCM_RIGHTS): go (write), report (read),
   request (write, and read to drop a request no child took), stdout and stderr (read). The
   first packet the zygote sends is ``{"op": "hello", "pid": p, "features": {...},
-  "errors": {...}, "memory_exit": n, ...}``. EOF on the control socket makes the zygote
+  "errors": {...}, ...}``. EOF on the control socket makes the zygote
   kill its slots and exit.
 - request pipe: 4-byte big-endian length + ``marshal``ed ``(cpu_seconds, memory_mb,
   stdin bytes, code)``, read by the slot's waiting call child before anything untrusted runs.
@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 
-# Exit code the call child uses to say "MemoryError" (the pool derives statuses; hello says it).
+# Exit code the call child uses to say "MemoryError" (the pool, which imports it, derives statuses).
 MEMORY_EXIT = 199
 
 # Linux constants (x86_64 / aarch64 share these values).
@@ -336,11 +336,7 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
     step("net_namespace", lambda: _check(_libc.unshare(CLONE_NEWNET), "unshare(NET)"))
     step("ipc_namespace", lambda: _check(_libc.unshare(CLONE_NEWIPC), "unshare(IPC)"))
 
-    def mount_ns():
-        _check(_libc.unshare(CLONE_NEWNS), "unshare(NS)")
-        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-
-    step("mount_namespace", mount_ns)
+    step("mount_namespace", _own_mount_namespace)
     if not features["mount_namespace"]:
         for name in ("private_proc", "private_dev", "readonly_root", "private_tmp"):
             features[name] = False
@@ -374,8 +370,9 @@ def _isolate_zygote(cfg: dict, features: dict, errors: dict) -> None:
         step("interpreter_visible", lambda: _expose_interpreter(paths))
     step("private_dev", lambda: _private_dev(paths))
     step("readonly_root", readonly_root)
-    # The only writable place: a tmpfs that only this zygote's mount namespace sees. Mode
-    # 0711 so a call cannot list the other calls' directories.
+    # The only writable place: a tmpfs that only this zygote's mount namespace sees. Each
+    # slot then mounts a tmpfs of its own over it (_slot_main), so calls never write here;
+    # this one proves the mount works and is what a slot's namespace starts from.
     step("private_tmp", lambda: _private_tmp(_tmpfs_options(cfg), paths))
 
 
@@ -420,9 +417,15 @@ def _no_op(*args, **kwargs) -> None:
     pass
 
 
-def skip_threading_after_fork() -> bool:
+def _own_mount_namespace() -> None:
+    """Move this process into a mount namespace of its own, with no mount events shared back."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(NS)")
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+
+
+def skip_threading_after_fork() -> None:
     """Make ``threading``'s after-fork hook a no-op in the children of this process, which
-    must have only its main thread and start none (checked here); True when done.
+    must have only its main thread and start none (checked here; otherwise it does nothing).
 
     CPython runs ``threading._after_fork`` in every fork child (``os.register_at_fork``) to
     rebuild the thread registry and its locks, which matters only when other threads were
@@ -434,9 +437,8 @@ def skip_threading_after_fork() -> bool:
     threading = sys.modules.get("threading")
     hook = getattr(threading, "_after_fork", None)
     if hook is None or threading.active_count() != 1 or hook.__code__.co_freevars:
-        return False
+        return
     hook.__code__ = _no_op.__code__
-    return True
 
 
 def collapse_huge_pages() -> int:
@@ -869,8 +871,7 @@ def _slot_main(cfg: dict, features: dict, seccomp_prog, slot: int, uid: int,
         # slot's temp dirs, even one a call opened up (chmod 0777), and no call can fill
         # the space or the inodes of another slot's calls. It goes with the slot.
         try:
-            _check(_libc.unshare(CLONE_NEWNS), "unshare(NS) for the slot's /tmp")
-            _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            _own_mount_namespace()
             _private_tmp(_tmpfs_options(cfg), _interpreter_paths())
         except OSError as e:  # (the zygote did the same once: this is not expected)
             print(f"sandbox slot {slot}: cannot make its own /tmp: {e}", file=sys.stderr, flush=True)
@@ -1004,9 +1005,10 @@ def main() -> None:
     if features["uid_drop"]:
         # The slots kill every process of their uids (leftovers of calls): none may be
         # anybody else's.
-        busy = _processes_of_uids(range(uid_base, uid_base + int(cfg.get("slots", 64))))
+        n_slots = int(cfg["slots"])
+        busy = _processes_of_uids(range(uid_base, uid_base + n_slots))
         if busy:
-            fatal(f"uids {uid_base}..{uid_base + int(cfg.get('slots', 64)) - 1} are in use on this "
+            fatal(f"uids {uid_base}..{uid_base + n_slots - 1} are in use on this "
                   f"host (pids {busy[:5]}): choose another uid_base")
 
     # Run the call path here, so what it initializes lazily (compiler and AST state, caches)
@@ -1028,7 +1030,6 @@ def main() -> None:
     ctl.send(json.dumps({"op": "hello", "pid": os.getpid(), "features": features,
                          "errors": errors, "preload_errors": preload_errors,
                          "uid_base": uid_base if features["uid_drop"] else None,
-                         "memory_exit": MEMORY_EXIT,
                          "huge_pages_mb": huge_mb}).encode())
     slots: dict[int, int] = {}  # pid -> slot index (a respawned index gets a new pid first)
     spawned: set[int] = set()
@@ -1057,9 +1058,9 @@ def main() -> None:
         if req.get("op") != "spawn":
             continue
         slot = int(req["slot"])
+        if features["uid_drop"] and slot in spawned:  # whatever a dead slot of this index left running
+            _kill_uid(uid_base + slot)  # (a first spawn's uid was checked free at start)
         spawned.add(slot)
-        if features["uid_drop"]:  # whatever a dead slot of this index may have left running
-            _kill_uid(uid_base + slot)
         go_r, go_w = os.pipe()
         report_r, report_w = os.pipe()
         req_r, req_w = os.pipe()

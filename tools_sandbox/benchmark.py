@@ -165,7 +165,7 @@ async def _bench(n: int, slots: int, insecure: bool) -> dict:
               f"`python` subprocess mean {statistics.mean(fresh_lat) * 1e3:.0f} ms/call; "
               f"speedup {speedup:.0f}x (goal >= 100x)")
         # (c) honest p99 with one slot under attack vs. unattacked
-        honest_n = max(100, n)  # (a p99 needs a few hundred samples to mean anything)
+        honest_n = max(100, n)  # (a p99 of fewer than 100 samples is its maximum)
         _, base_lat = await _load(pool, TRIVIAL, honest_n, slots)
         base_p99 = _pct(base_lat, 0.99)
         figures["c"] = {"unattacked_p99_ms": base_p99 * 1e3}
@@ -186,7 +186,9 @@ async def _bench(n: int, slots: int, insecure: bool) -> dict:
             print(f"(c) honest p99 while one slot runs {name}: {p99 * 1e3:.2f} ms vs unattacked "
                   f"{base_p99 * 1e3:.2f} ms; ratio {p99 / base_p99:.2f} (goal <= 2)")
     # What one CPU-bound process does to this machine with no sandbox at all: the bare-fork
-    # ceiling of (a) next to a busy loop at the lowest priority, against it alone.
+    # ceiling of (a) next to a busy loop at the lowest priority, against it alone. Alone is
+    # measured again, not taken from (a): right before the busy run, with the pool closed,
+    # so the two differ by the busy loop only and not by the machine's drift since (a).
     alone_rate, alone_lat = bare_fork(honest_n, slots)
     with _busy_process():
         busy_rate, busy_lat = bare_fork(honest_n, slots)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import trio
 
+from tools_sandbox._zygote import MEMORY_EXIT, REPORT
 from tools_sandbox.config import SandboxConfig
 from tools_sandbox.result import ExecResult
 
@@ -66,8 +67,6 @@ class SandboxUnavailable(SandboxError):
 # The largest request (code and stdin, marshalled) a call may get: the call child holds it
 # as root, before its memory limit is set.
 MAX_REQUEST_BYTES = 64 << 20
-# A slot's report record (see _zygote.REPORT): kind, then two ints.
-_REPORT = struct.Struct(">cii")
 
 
 def _bytes_in_pipe(fd: int) -> int:
@@ -122,9 +121,9 @@ class _Slot:
                 eof = True
                 break
             self.reports += chunk
-        while len(self.reports) >= _REPORT.size:
-            kind, a, b = _REPORT.unpack_from(self.reports)
-            del self.reports[:_REPORT.size]
+        while len(self.reports) >= REPORT.size:
+            kind, a, b = REPORT.unpack_from(self.reports)
+            del self.reports[:REPORT.size]
             if kind == b"P":
                 self._close_child()
                 self.child_pid, self.end = a, None
@@ -174,8 +173,7 @@ class _Slot:
                     signal.pidfd_send_signal(self.child_pidfd, signal.SIGKILL)
         return self.end is not None or self.child_pid != 0
 
-    async def run(self, request: bytes, timeout: float, grace: float, cap: int,
-                  memory_exit: int) -> ExecResult | None:
+    async def run(self, request: bytes, timeout: float, grace: float, cap: int) -> ExecResult | None:
         """Run one call on this slot; None when the slot stopped answering (replace it).
 
         Returns once the slot has reaped the call's process, killed its leftovers and
@@ -251,7 +249,7 @@ class _Slot:
             status = reason
         elif sig is not None:
             status = "timeout" if sig == signal.SIGXCPU else "killed"
-        elif exit_code == memory_exit:
+        elif exit_code == MEMORY_EXIT:
             status = "memory"
         elif exit_code == 0:
             status = "ok"
@@ -377,7 +375,6 @@ class SandboxPool:
         self.features = hello["features"]
         self.uid_base = hello.get("uid_base")
         self.huge_pages_mb = hello.get("huge_pages_mb", 0)
-        self._memory_exit = hello.get("memory_exit")
         self.feature_errors = hello["errors"]
         if hello.get("fatal"):
             raise SandboxError(f"sandbox cannot run here: {hello['fatal']}")
@@ -514,9 +511,7 @@ class SandboxPool:
         result = None
         failure = "killed"
         try:
-            result = await slot.run(request, timeout,
-                                    self.config.grace_s, self.config.max_output_bytes,
-                                    self._memory_exit)
+            result = await slot.run(request, timeout, self.config.grace_s, self.config.max_output_bytes)
             if result is None:
                 failure = "timeout"
         except (trio.ClosedResourceError, EOFError, OSError):
